@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything mmbench2-lab needs, from nothing but Python 3.10+, into ./.venv.
+# Idempotent: re-running after a change to pyproject.toml re-installs; otherwise it returns at once.
+#   bash scripts/setup.sh            # library, simulators, notebooks, app, test tools
+#   EXTRAS=sims bash scripts/setup.sh   # a lighter set
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-all,test}
+VENV=.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.mmbench2-lab-setup"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# torch first: with no torch present, a bare requirement would pull a multi-GB CUDA build onto CPU-only
+# machines. 2.13.0 is the CPU build this project is tested with; GPU users install their CUDA torch first.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  pip install "torch==2.13.0"
+fi
+pip install -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
+echo "mmbench2-lab is set up in $VENV"
