@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "tasks": ("mmbench2_lab.tasks_cli", "list the 210 MMBench2 tasks and which run on this machine"),
     "config": ("mmbench2_lab.config_cli", "print or write a preset configuration (JSON or YAML)"),
+    "calibration-report": ("mmbench2_lab.calibration_cli", "predictor Spearman rho and AUROC vs rollout dPSNR"),
 }
 
 
