@@ -310,3 +310,12 @@ def test_per_frame_trace_figure_marks_frames_over_threshold():
         per_frame_trace_figure({"u_x": [1.0]})
     with pytest.raises(ValueError, match="one length"):
         per_frame_trace_figure({"u_r": [1.0, 2.0], "u_f": [1.0]})
+
+
+def test_cli_per_task_prints_one_csv_row_per_task(tmp_path, capsys):
+    rows = [(f"t{i % 3}", i, 1.0, float(i), float(i), float(i), 4.0 - i) for i in range(9)]
+    path = _write(tmp_path / "t.csv", CALIBRATION_COLUMNS, rows)
+    assert main(["calibration-report", str(path), "--per-task", "--folds", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("task,n,hallucination_rate")))
+    assert [line.split(",")[0] for line in lines[start + 1:]] == ["t0", "t1", "t2"]
