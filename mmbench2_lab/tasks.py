@@ -35,6 +35,8 @@ _TASK_OVERRIDES = {
     "quadruped-run": dict(camera="2"),
     "mujoco-reacher": dict(action_repeat=1),
     "mujoco-halfcheetah": dict(action_repeat=1),
+    "og-ant": dict(action_repeat=1),  # OGBench's online locomotion envs: no repeat (mazes: 2 or 4)
+    "og-antball": dict(action_repeat=1),
 }
 _OG_POINT_REPEAT = 4  # OGBench point mazes: 400 raw steps at repeat 4 = 100 agent steps
 

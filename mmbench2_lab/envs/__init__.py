@@ -1,0 +1,154 @@
+"""Live simulators for the MMBench2 tasks behind one ``make_env`` (gymnasium 1.x).
+
+    env = make_env("walker-walk", size=64, seed=0)
+    frame, info = env.reset()                      # frame (64, 64, 3) uint8; info["state"], ["score"], ...
+    frame, reward, terminated, truncated, info = env.step(env.action_space.sample())  # 16-d action
+
+Each domain lives in its own module (``dmcontrol``, ``gym_mujoco``, ``box2d``, ``metaworld``, ``ogbench``,
+``atari``, ``robodesk``) exposing ``TASKS`` (task name -> simulator id), ``NOT_YET`` (tasks of the domain
+we do not run yet -> what they need), ``make(spec) -> gymnasium.Env`` and ``return_range(name)``.
+Simulators are imported on first ``make`` only, so listing tasks stays instant. A later domain slots in
+as one more entry of ``_DOMAINS``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import cache
+
+import gymnasium
+import numpy as np
+
+from mmbench2_lab.envs.wrappers import ActionRepeat, MMBench2Env, PadAction
+from mmbench2_lab.tasks import get_task
+
+__all__ = ["make_env", "is_runnable", "runnable_domains", "UnsupportedTaskError"]
+
+
+class UnsupportedTaskError(NotImplementedError):
+    """A real MMBench2 task whose simulator mmbench2-lab does not run yet."""
+
+
+@dataclass(frozen=True)
+class _Domain:
+    module: str  # mmbench2_lab.envs.<module>
+    simulator: str  # in words, for messages
+    extra: str  # the pyproject extra that installs it
+    requires: tuple[str, ...]  # importable modules the simulator needs
+    mujoco: bool  # renders through MuJoCo's OpenGL (needs MUJOCO_GL headless)
+
+
+_DOMAINS = {
+    "dmcontrol": _Domain("dmcontrol", "dm_control", "dmc", ("dm_control", "mujoco"), True),
+}
+# Domains of the 210 tasks that no factory covers yet: what they need.
+_NOT_YET = {
+    "dmcontrol-ext": "dm_control with MMBench2's custom task XMLs",
+    "maniskill": "ManiSkill (mani_skill)",
+    "pygame": "MMBench2's MiniArcade pygame games",
+    # factories in progress
+    "mujoco": "gymnasium's MuJoCo environments",
+    "box2d": "gymnasium's Box2D environments",
+    "metaworld": "Meta-World",
+    "ogbench": "OGBench",
+    "atari": "the Arcade Learning Environment (ale-py)",
+    "robodesk": "RoboDesk",
+}
+
+
+def make_env(task: str, *, size: int = 224, seed: int | None = None, render: bool = True) -> gymnasium.Env:
+    """Build a live MMBench2 task: RGB frames in, 16-d padded actions out, fixed-length episodes.
+
+    Args:
+        task: an MMBench2 task name (``mmbench2-lab tasks`` lists them).
+        size: frame side; the reference frame is 224x224, bilinearly resized when ``size`` differs.
+        seed: seeds the first ``reset()`` (and ``action_space.sample``); later resets continue the stream.
+        render: False skips rendering; the observation is then the float32 state vector.
+    Returns:
+        a ``gymnasium.Env`` with observation (size, size, 3) uint8, action space Box(-1, 1, (16,)),
+        episodes truncated at ``task_spec.max_episode_steps`` agent steps, and info keys ``score``,
+        ``success``, ``action_mask``, ``state`` and ``task``. ``env.task_spec`` is the TaskSpec;
+        ``env.unwrapped`` is the simulator.
+    """
+    spec = get_task(task)
+    domain = _domain_of(spec.name)
+    module = _import_domain(spec.name, domain)
+    sim = module.make(spec)
+    env = ActionRepeat(sim, spec.action_repeat)
+    env = gymnasium.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
+    env = PadAction(env, spec.action_dim)
+    env = gymnasium.wrappers.TimeLimit(env, spec.max_episode_steps)
+    return MMBench2Env(env, spec, size=size, render=render, return_range=module.return_range(spec.name),
+                       seed=seed)
+
+
+def is_runnable(task: str) -> bool:
+    """True iff a factory covers ``task`` and its simulator's packages are installed here.
+
+    Quick (no simulator import): packages are looked up with ``importlib.util.find_spec``, once per domain.
+    """
+    spec = get_task(task)
+    domain = _DOMAINS.get(spec.domain)
+    if domain is None or not _installed(spec.domain):
+        return False
+    return spec.name in _domain_module(domain.module).TASKS
+
+
+def runnable_domains() -> list[str]:
+    """The domains whose simulator is installed here (each runs some or all of its tasks)."""
+    return [name for name in _DOMAINS if _installed(name)]
+
+
+def _domain_of(name: str) -> _Domain:
+    spec = get_task(name)
+    if spec.domain in _NOT_YET:
+        raise UnsupportedTaskError(f"task {name!r} needs {_NOT_YET[spec.domain]}, which mmbench2-lab does not "
+                                   "run yet. `mmbench2-lab tasks --runnable` lists the tasks that run here.")
+    return _DOMAINS[spec.domain]
+
+
+def _import_domain(name: str, domain: _Domain):
+    module = _domain_module(domain.module)
+    if name in module.NOT_YET:
+        raise UnsupportedTaskError(f"task {name!r} needs {module.NOT_YET[name]}, which mmbench2-lab does not "
+                                   "run yet. `mmbench2-lab tasks --runnable` lists the tasks that run here.")
+    if name not in module.TASKS:
+        raise KeyError(f"task {name!r} is missing from {module.__name__}.TASKS and NOT_YET: add it to one")
+    missing = [m for m in domain.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"task {name!r} needs {domain.simulator}, but {', '.join(missing)} is not installed "
+                          f"here: pip install 'mmbench2-lab[{domain.extra}]'")
+    if domain.mujoco:
+        _configure_mujoco_gl()
+    return module
+
+
+def _domain_module(module: str):
+    return importlib.import_module(f"mmbench2_lab.envs.{module}")
+
+
+@cache
+def _installed(domain: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in _DOMAINS[domain].requires)
+
+
+@cache
+def _configure_mujoco_gl() -> None:
+    """Pick MuJoCo's headless OpenGL backend before its first import: EGL, else OSMesa.
+
+    Only when ``MUJOCO_GL`` is unset and there is no display (Linux). EGL is probed in a subprocess,
+    because a failed EGL attempt would pin PyOpenGL to EGL in this process.
+    """
+    if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY") or not sys.platform.startswith("linux"):
+        return
+    probe = "from mujoco.egl import GLContext; c = GLContext(8, 8); c.make_current(); c.free()"
+    try:
+        ok = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MUJOCO_GL": "egl"},
+                            capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    os.environ["MUJOCO_GL"] = "egl" if ok else "osmesa"

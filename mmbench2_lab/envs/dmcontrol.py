@@ -1,0 +1,118 @@
+"""DeepMind Control Suite tasks (dm_control), as the reference runs them.
+
+Actions repeat twice (500 agent steps = the suite's 1000 control steps); the frame is
+``physics.render(224, 224, camera)`` with camera 0 (quadruped: 2, from ``TaskSpec.camera``); the state is
+the suite's observation dict flattened in order; the score is the episode return / 1000.
+"""
+from __future__ import annotations
+
+import types
+
+import gymnasium
+import numpy as np
+
+from mmbench2_lab.envs.wrappers import REFERENCE_SIZE
+from mmbench2_lab.tasks import TaskSpec
+
+# MMBench2 task name -> (dm_control domain, task)
+TASKS = {
+    "walker-stand": ("walker", "stand"),
+    "walker-walk": ("walker", "walk"),
+    "walker-run": ("walker", "run"),
+    "cheetah-run": ("cheetah", "run"),
+    "reacher-easy": ("reacher", "easy"),
+    "reacher-hard": ("reacher", "hard"),
+    "acrobot-swingup": ("acrobot", "swingup"),
+    "pendulum-swingup": ("pendulum", "swingup"),
+    "cartpole-balance": ("cartpole", "balance"),
+    "cartpole-balance-sparse": ("cartpole", "balance_sparse"),
+    "cartpole-swingup": ("cartpole", "swingup"),
+    "cartpole-swingup-sparse": ("cartpole", "swingup_sparse"),
+    "cup-catch": ("ball_in_cup", "catch"),
+    "finger-spin": ("finger", "spin"),
+    "finger-turn-easy": ("finger", "turn_easy"),
+    "finger-turn-hard": ("finger", "turn_hard"),
+    "fish-swim": ("fish", "swim"),
+    "hopper-stand": ("hopper", "stand"),
+    "hopper-hop": ("hopper", "hop"),
+    "quadruped-walk": ("quadruped", "walk"),
+    "quadruped-run": ("quadruped", "run"),
+}
+NOT_YET = {
+    "cup-catch-var1": "MMBench2's recoloured ball_in_cup (dark skybox, muted floor)",
+    "finger-turn-easy-var1": "MMBench2's recoloured finger (dark skybox, muted floor)",
+}
+
+
+def return_range(name: str) -> tuple[float, float]:
+    """Suite rewards are in [0, 1] per control step: 1000 steps give a return in [0, 1000]."""
+    return (0.0, 1000.0)
+
+
+def make(spec: TaskSpec) -> gymnasium.Env:
+    domain, task = TASKS[spec.name]
+    return DMControlEnv(domain, task, camera_id=int(spec.camera))
+
+
+class DMControlEnv(gymnasium.Env):
+    """A dm_control suite task as a gymnasium env (one control step per ``step``).
+
+    The suite's own time limit is lifted: episode length is the caller's ``TimeLimit``. ``physics`` and
+    ``dm_env`` reach the simulator.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, domain: str, task: str, camera_id: int):
+        from dm_control import suite
+
+        _restore_in1d(suite.quadruped)
+        self.dm_env = suite.load(domain, task, task_kwargs={"time_limit": float("inf")},
+                                 visualize_reward=False)
+        self.camera_id = camera_id
+        self.render_mode = "rgb_array"
+        act = self.dm_env.action_spec()
+        self.action_space = gymnasium.spaces.Box(
+            np.broadcast_to(act.minimum, act.shape).astype(np.float32),
+            np.broadcast_to(act.maximum, act.shape).astype(np.float32), dtype=np.float32)
+        dim = sum(int(np.prod(v.shape)) for v in self.dm_env.observation_spec().values())
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
+
+    @property
+    def physics(self):
+        return self.dm_env.physics
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:  # the suite task draws its initial state from its own RandomState
+            self.dm_env.task._random = np.random.RandomState(seed)
+        return self._state(self.dm_env.reset().observation), {}
+
+    def step(self, action):
+        ts = self.dm_env.step(np.asarray(action, dtype=np.float64))
+        return self._state(ts.observation), float(ts.reward or 0.0), False, False, {}
+
+    def render(self) -> np.ndarray:
+        return self.physics.render(REFERENCE_SIZE, REFERENCE_SIZE, camera_id=self.camera_id)
+
+    def close(self):
+        self.dm_env.close()
+
+    @staticmethod
+    def _state(observation) -> np.ndarray:
+        return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+class _NumpyWithIn1d(types.ModuleType):
+    """numpy as seen by one module, plus ``in1d`` (removed in numpy 2.4) as an alias of ``isin``."""
+
+    in1d = staticmethod(np.isin)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _restore_in1d(module) -> None:
+    """dm_control 1.0.28's quadruped calls ``np.in1d``; give that module (only) the old name back."""
+    if not hasattr(np, "in1d") and module.np is np:
+        module.np = _NumpyWithIn1d("numpy")

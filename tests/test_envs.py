@@ -1,0 +1,161 @@
+"""make_env: live simulators behind one gymnasium contract (real simulators, small frames)."""
+import numpy as np
+import pytest
+
+from mmbench2_lab.envs import UnsupportedTaskError, is_runnable, make_env, runnable_domains
+from mmbench2_lab.tasks import UnknownTaskError, get_task, tasks
+
+SIZE = 64
+# One representative task per domain: it must reset, step and render here.
+DOMAIN_SAMPLES = {
+    "dmcontrol": "cheetah-run",
+}
+
+
+def needs(task: str):
+    """Skip when the task's simulator is not installed (e.g. a minimal install without extras)."""
+    return pytest.mark.skipif(not is_runnable(task), reason=f"simulator for {task} not installed")
+
+
+def assert_frame(frame: np.ndarray, size: int = SIZE):
+    assert frame.shape == (size, size, 3) and frame.dtype == np.uint8
+    assert frame.std() > 5, "frame is blank"
+
+
+def assert_info(info: dict, task: str):
+    spec = get_task(task)
+    assert 0.0 <= info["score"] <= 1.0
+    assert isinstance(info["success"], bool)
+    assert info["action_mask"].dtype == np.float32
+    np.testing.assert_array_equal(info["action_mask"], spec.action_mask)
+    assert info["state"].dtype == np.float32 and info["state"].ndim == 1 and np.all(np.isfinite(info["state"]))
+    assert info["task"] == task
+
+
+@pytest.mark.parametrize("domain,task", sorted(DOMAIN_SAMPLES.items()))
+def test_each_domain_resets_steps_and_renders(domain, task):
+    if not is_runnable(task):
+        pytest.skip(f"{domain} simulator not installed")
+    env = make_env(task, size=SIZE, seed=0)
+    assert env.task_spec.name == task and env.task_spec.domain == domain
+    assert env.action_space.shape == (16,) and env.observation_space.shape == (SIZE, SIZE, 3)
+    frame, info = env.reset()
+    assert_frame(frame)
+    assert_info(info, task)
+    frames = [frame]
+    for _ in range(3):
+        frame, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert np.isfinite(reward) and not terminated and not truncated
+        assert_frame(frame)
+        assert_info(info, task)
+        frames.append(frame)
+    assert any(not np.array_equal(frames[0], f) for f in frames[1:]), "random actions changed nothing on screen"
+    env.close()
+
+
+@needs("cartpole-balance")
+def test_frame_is_the_224_reference_by_default_and_resized_on_request():
+    full, _ = make_env("cartpole-balance", seed=1).reset()
+    assert_frame(full, 224)
+    small, _ = make_env("cartpole-balance", size=32, seed=1).reset()
+    assert_frame(small, 32)
+
+
+@needs("cartpole-balance")
+def test_same_seed_gives_the_same_initial_state():
+    a = make_env("cartpole-balance", seed=3, render=False).reset()[1]["state"]
+    b = make_env("cartpole-balance", seed=3, render=False).reset()[1]["state"]
+    c = make_env("cartpole-balance", seed=4, render=False).reset()[1]["state"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@needs("pendulum-swingup")
+def test_render_false_observes_the_state_vector():
+    env = make_env("pendulum-swingup", render=False, seed=0)
+    obs, info = env.reset()
+    np.testing.assert_array_equal(obs, info["state"])
+    assert env.observation_space.shape == obs.shape
+
+
+@needs("pendulum-swingup")
+def test_episode_truncates_at_max_episode_steps():
+    env = make_env("pendulum-swingup", render=False, seed=0)
+    env.reset()
+    steps, truncated = 0, False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(np.zeros(16, np.float32))
+        steps += 1
+        assert not terminated
+    assert steps == get_task("pendulum-swingup").max_episode_steps == 500
+    assert 0.0 <= info["score"] <= 1.0
+
+
+@needs("cartpole-swingup")
+def test_wrong_size_or_nan_action_raises_naming_the_shape():
+    env = make_env("cartpole-swingup", render=False, seed=0)
+    env.reset()
+    with pytest.raises(ValueError, match=r"\(16,\)"):
+        env.step(np.zeros(1, np.float32))
+    bad = np.zeros(16, np.float32)
+    bad[0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(bad)
+
+
+@needs("cartpole-swingup")
+def test_padding_dimensions_are_ignored():
+    a = make_env("cartpole-swingup", render=False, seed=5)
+    b = make_env("cartpole-swingup", render=False, seed=5)
+    a.reset(), b.reset()
+    act = np.zeros(16, np.float32)
+    act[0] = 0.7
+    noisy = act.copy()
+    noisy[1:] = np.random.default_rng(0).uniform(-1, 1, 15)
+    for _ in range(3):
+        sa = a.step(act)[4]["state"]
+        sb = b.step(noisy)[4]["state"]
+    np.testing.assert_array_equal(sa, sb)
+
+
+def test_unknown_task_names_close_matches():
+    with pytest.raises(UnknownTaskError, match="walker-walk"):
+        make_env("walker-wlak")
+
+
+def test_out_of_scope_task_says_which_simulator_it_needs():
+    with pytest.raises(UnsupportedTaskError, match="ManiSkill.*does not run yet"):
+        make_env("ms-pick-cube")
+    with pytest.raises(NotImplementedError, match="pygame"):
+        make_env("pygame-pong")
+    assert not is_runnable("ms-pick-cube") and not is_runnable("walker-walk-backward")
+
+
+@pytest.mark.parametrize("task", ["walker-walk", "cup-catch-var1", "pygame-pong", "ms-reach"])
+def test_is_runnable_agrees_with_make_env(task):
+    if is_runnable(task):
+        env = make_env(task, size=SIZE, render=False, seed=0)
+        env.reset()
+        env.step(np.zeros(16, np.float32))
+    else:
+        with pytest.raises((NotImplementedError, ImportError)):
+            make_env(task, size=SIZE, render=False)
+
+
+def test_runnable_domains_are_the_installed_ones():
+    doms = runnable_domains()
+    assert set(doms) <= {"dmcontrol", "mujoco", "box2d", "metaworld", "ogbench", "atari", "robodesk"}
+    for d in doms:
+        assert any(is_runnable(t.name) for t in tasks(domain=d))
+
+
+@pytest.mark.skipif("dmcontrol" not in runnable_domains(), reason="dm_control not installed")
+def test_every_runnable_dmcontrol_task_builds_and_steps():
+    runnable = [t.name for t in tasks(domain="dmcontrol") if is_runnable(t.name)]
+    assert len(runnable) == 21
+    for task in runnable:
+        env = make_env(task, render=False, seed=0)
+        env.reset()
+        _, reward, _, _, info = env.step(env.action_space.sample())
+        assert np.isfinite(reward) and info["state"].size > 0
+        env.close()
