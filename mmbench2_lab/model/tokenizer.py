@@ -70,16 +70,22 @@ class Encoder(nn.Module):
             mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
 
     def forward(self, patches: torch.Tensor, mae_p_max: float = 0.0, mae_p_min: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None, mae_mask: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """patches: (B, T, Np, Dp) -> (z (B, T, n_latents, d_bottleneck), mae_mask (B, T, Np) bool).
 
         MAE masking runs only when ``mae_p_max > 0`` (training); mae_mask marks the replaced patches.
+        A given ``mae_mask`` (B, T, Np) bool is applied as it is (the trainer draws masks for the global batch).
         """
         B, T, Np, Dp = patches.shape
         if (Np, Dp) != (self.cfg.n_patches, self.cfg.patch_dim):
             raise ValueError(f"encoder expects (B, T, {self.cfg.n_patches}, {self.cfg.patch_dim}) patches, "
                              f"got {tuple(patches.shape)}")
-        x, mae_mask = self.mae(self.patch_proj(patches), mae_p_min, mae_p_max, generator)
+        x = self.patch_proj(patches)
+        if mae_mask is None:
+            x, mae_mask = self.mae(x, mae_p_min, mae_p_max, generator)
+        else:
+            x = torch.where(mae_mask[..., None], self.mae.mask_token.to(x.dtype), x)
         lat = self.latents.expand(B, T, -1, -1)
         x = self.transformer(torch.cat([lat, x], dim=2))
         return torch.tanh(self.bottleneck_proj(x[:, :, :self.cfg.n_latents])), mae_mask
