@@ -248,8 +248,8 @@ class RawWriter:
         self._dirty = False
         if task_file(self.directory, task).exists():
             if not append:
-                raise FileExistsError(f"{task_file(self.directory, task)} exists; pass append=True (--resume) to "
-                                      f"add episodes to it, or write to another directory")
+                raise ValueError(f"{task_file(self.directory, task)} exists; pass append=True (--resume) to add "
+                                 f"episodes to it, or write to another directory")
             self._load_existing()
 
     # state ---------------------------------------------------------------------------------------------
