@@ -315,7 +315,7 @@ class RawWriter:
             raise ValueError(f"{self.task}: frames are {frames.shape[1]}x{frames.shape[2]} but {self.directory} "
                              f"holds {self.size}x{self.size} frames; collect at --size {self.size}")
         actions = torch.as_tensor(np.asarray(actions, dtype=np.float32))
-        if actions.shape[0] != t or actions.ndim != 2:
+        if actions.ndim != 2 or actions.shape[0] != t or actions.shape[1] not in (ACTION_DIM, self.spec.action_dim):
             raise ValueError(f"{self.task}: actions have shape {tuple(actions.shape)}; expected ({t}, "
                              f"{ACTION_DIM}) or ({t}, {self.spec.action_dim}) for {t + 1} frames")
         actions = _pad_actions(actions, self.spec.action_dim, self.task)
