@@ -320,8 +320,9 @@ def preprocess_task(raw_dir: str | Path, out_dir: str | Path, task: str, *, size
     if len(strips) < n:
         raise ValueError(f"{raw_dir}: {task}.pt describes {n} frames but its PNG strips hold {len(strips)}")
     task_dir.mkdir(parents=True, exist_ok=True)
-    for stale in task_dir.glob(f"{task}_shard*"):
-        stale.unlink()
+    for stale in [*task_dir.glob(f"{task}_shard*"), *task_dir.glob(f".{task}_shard*.tmp")]:
+        if stale.is_file():
+            stale.unlink()
     index = {}
     for i, s in enumerate(range(0, n, shard_size)):
         frames = strips.read(s, min(s + shard_size, n))
