@@ -335,7 +335,8 @@ def test_training_loss_with_and_without_bootstrap(case):
                                                   float(case.dyn_args.get("reward_weight", 0.0))))
         if float(case.v.get(f"{prefix}_aux_loss_bc", 0.0)) != 0.0:
             heads.update(policy_head=case.model.policy_head,
-                         bc_weight=case.param(f"{prefix}_total", "bc_weight", float(case.dyn_args.get("bc_weight", 0.0))))
+                         bc_weight=case.param(f"{prefix}_total", "bc_weight",
+                                              float(case.dyn_args.get("bc_weight", 0.0))))
         return flow_matching.dynamics_pretrain_loss(dyn, z1, actions, mask, b_self=b_self, step=step,
                                                     bootstrap_start=start, lang_emb=lang, draws=draws, **heads, **rms)
 
