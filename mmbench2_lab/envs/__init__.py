@@ -6,7 +6,9 @@
 
 Each domain lives in its own module (``dmcontrol``, ``gym_mujoco``, ``box2d``, ``metaworld``, ``ogbench``,
 ``atari``, ``robodesk``) exposing ``TASKS`` (task name -> simulator id), ``NOT_YET`` (tasks of the domain
-we do not run yet -> what they need), ``make(spec) -> gymnasium.Env`` and ``return_range(name)``.
+we do not run yet -> what they need), ``return_range(name)`` and ``make(spec) -> gymnasium.Env``: the
+simulator at agent-step granularity (``ActionRepeat`` applied) whose observation is the state vector,
+whose ``render()`` is the reference 224x224 frame, and whose info may carry ``success``.
 Simulators are imported on first ``make`` only, so listing tasks stays instant. A later domain slots in
 as one more entry of ``_DOMAINS``.
 """
@@ -23,7 +25,7 @@ from functools import cache
 import gymnasium
 import numpy as np
 
-from mmbench2_lab.envs.wrappers import ActionRepeat, MMBench2Env, PadAction
+from mmbench2_lab.envs.wrappers import MMBench2Env, PadAction
 from mmbench2_lab.tasks import get_task
 
 __all__ = ["make_env", "is_runnable", "runnable_domains", "UnsupportedTaskError"]
@@ -44,19 +46,18 @@ class _Domain:
 
 _DOMAINS = {
     "dmcontrol": _Domain("dmcontrol", "dm_control", "dmc", ("dm_control", "mujoco"), True),
+    "mujoco": _Domain("gym_mujoco", "gymnasium's MuJoCo environments", "mujoco", ("mujoco",), True),
+    "box2d": _Domain("box2d", "gymnasium's Box2D environments", "box2d", ("Box2D", "pygame"), False),
+    "metaworld": _Domain("metaworld", "Meta-World", "metaworld", ("metaworld", "mujoco"), True),
+    "ogbench": _Domain("ogbench", "OGBench", "ogbench", ("ogbench", "mujoco"), True),
+    "atari": _Domain("atari", "the Arcade Learning Environment (ale-py)", "atari", ("ale_py",), False),
+    "robodesk": _Domain("robodesk", "RoboDesk", "robodesk", ("robodesk", "dm_control", "mujoco"), True),
 }
 # Domains of the 210 tasks that no factory covers yet: what they need.
 _NOT_YET = {
     "dmcontrol-ext": "dm_control with MMBench2's custom task XMLs",
     "maniskill": "ManiSkill (mani_skill)",
     "pygame": "MMBench2's MiniArcade pygame games",
-    # factories in progress
-    "mujoco": "gymnasium's MuJoCo environments",
-    "box2d": "gymnasium's Box2D environments",
-    "metaworld": "Meta-World",
-    "ogbench": "OGBench",
-    "atari": "the Arcade Learning Environment (ale-py)",
-    "robodesk": "RoboDesk",
 }
 
 
@@ -77,8 +78,7 @@ def make_env(task: str, *, size: int = 224, seed: int | None = None, render: boo
     spec = get_task(task)
     domain = _domain_of(spec.name)
     module = _import_domain(spec.name, domain)
-    sim = module.make(spec)
-    env = ActionRepeat(sim, spec.action_repeat)
+    env = module.make(spec)
     env = gymnasium.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
     env = PadAction(env, spec.action_dim)
     env = gymnasium.wrappers.TimeLimit(env, spec.max_episode_steps)

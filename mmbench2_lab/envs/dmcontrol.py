@@ -11,7 +11,7 @@ import types
 import gymnasium
 import numpy as np
 
-from mmbench2_lab.envs.wrappers import REFERENCE_SIZE
+from mmbench2_lab.envs.wrappers import REFERENCE_SIZE, ActionRepeat
 from mmbench2_lab.tasks import TaskSpec
 
 # MMBench2 task name -> (dm_control domain, task)
@@ -51,7 +51,7 @@ def return_range(name: str) -> tuple[float, float]:
 
 def make(spec: TaskSpec) -> gymnasium.Env:
     domain, task = TASKS[spec.name]
-    return DMControlEnv(domain, task, camera_id=int(spec.camera))
+    return ActionRepeat(DMControlEnv(domain, task, camera_id=int(spec.camera)), spec.action_repeat)
 
 
 class DMControlEnv(gymnasium.Env):

@@ -1,9 +1,9 @@
 """The gymnasium wrappers every MMBench2 task shares, innermost first.
 
 A domain module builds its simulator as a gymnasium env whose observation is the state vector, whose
-``render()`` returns the reference 224x224 frame and whose ``info`` may carry ``success``. ``make_env``
-then stacks, inside out: ``ActionRepeat`` -> ``RescaleAction`` (gymnasium) -> ``PadAction`` ->
-``TimeLimit`` (gymnasium) -> ``MMBench2Env``.
+``render()`` returns the reference 224x224 frame (``ReferenceFrame``) and whose ``info`` may carry
+``success``, and repeats actions (``ActionRepeat``). ``make_env`` then stacks, inside out:
+``RescaleAction`` (gymnasium) -> ``PadAction`` -> ``TimeLimit`` (gymnasium) -> ``MMBench2Env``.
 """
 from __future__ import annotations
 
