@@ -1,4 +1,7 @@
 """make_env: live simulators behind one gymnasium contract (real simulators, small frames)."""
+import sys
+
+import gymnasium
 import numpy as np
 import pytest
 
@@ -9,6 +12,12 @@ SIZE = 64
 # One representative task per domain: it must reset, step and render here.
 DOMAIN_SAMPLES = {
     "dmcontrol": "cheetah-run",
+    "mujoco": "mujoco-reacher",
+    "box2d": "lunarlander-hover",
+    "metaworld": "mw-push",
+    "ogbench": "og-point-maze",
+    "atari": "atari-pong",
+    "robodesk": "rd-push-red",
 }
 
 
@@ -159,3 +168,116 @@ def test_every_runnable_dmcontrol_task_builds_and_steps():
         _, reward, _, _, info = env.step(env.action_space.sample())
         assert np.isfinite(reward) and info["state"].size > 0
         env.close()
+
+
+@pytest.mark.skipif("box2d" not in runnable_domains(), reason="Box2D not installed")
+def test_every_box2d_task_builds_steps_and_scores():
+    for t in tasks(domain="box2d"):
+        env = make_env(t.name, size=SIZE, seed=0)
+        frame, info = env.reset()
+        assert_frame(frame)
+        for _ in range(2):
+            frame, reward, _, _, info = env.step(env.action_space.sample())
+        assert_frame(frame)
+        assert_info(info, t.name)
+        env.close()
+
+
+@needs("bipedal-walker-obstacles")
+def test_walker_terrains_differ_as_named():
+    flat = make_env("bipedal-walker-flat", render=False, seed=0)
+    flat.reset()
+    assert len(set(flat.unwrapped.terrain_y)) == 1
+    rough = make_env("bipedal-walker-rugged", render=False, seed=0)
+    rough.reset()
+    assert np.ptp(rough.unwrapped.terrain_y) > 0.5
+    obstacles = make_env("bipedal-walker-obstacles", render=False, seed=0)
+    obstacles.reset()
+    walker = obstacles.unwrapped
+    assert len(walker.terrain) > len(walker.terrain_x) - 1, "no stumps or pits were added"
+
+
+@needs("lunarlander-takeoff")
+def test_lander_goal_variants_add_the_goal_to_the_state_and_reward_in_unit_range():
+    env = make_env("lunarlander-takeoff", render=False, seed=0)
+    state, info = env.reset()
+    assert state.shape == (10,)
+    lander = env.unwrapped
+    assert lander.lander.position[1] < lander.helipad_y + 1.5, "takeoff should start on the pad"
+    for _ in range(20):
+        _, reward, _, _, info = env.step(env.action_space.sample())
+        assert 0.0 <= reward <= 2.0  # two simulator steps, each in [0, 1]
+
+
+@needs("og-point-arena")
+def test_reaching_the_maze_goal_is_success_and_full_score():
+    env = make_env("og-point-arena", render=False, seed=0)
+    _, info = env.reset()
+    assert not info["success"] and info["score"] == 0.0
+    for _ in range(60):
+        to_goal = -info["state"][6:8] * 20  # state = (xy, velocity, goal, xy - goal, distance) / 20
+        action = np.zeros(16, np.float32)
+        action[:2] = np.clip(to_goal, -1, 1)
+        _, reward, _, _, info = env.step(action)
+        if info["success"]:
+            break
+    assert info["success"] and info["score"] == 1.0 and reward > 0.5
+
+
+@needs("og-point-spiral")
+def test_custom_maze_uses_its_layout_and_leaves_the_callers_rng_alone():
+    env = make_env("og-point-spiral", render=False, seed=0)
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    env.reset()
+    env.step(np.zeros(16, np.float32))
+    assert np.random.rand() == expected
+    maze = env.unwrapped.maze_map
+    assert maze.shape == (8, 8) and maze[2, 2] == 1 and maze[1, 1] == 0 and maze[0].all()
+
+
+@needs("mw-reach")
+def test_metaworld_reach_with_a_scripted_arm_succeeds():
+    env = make_env("mw-reach", render=False, seed=0)
+    _, info = env.reset()
+    for _ in range(60):
+        state = info["state"]
+        action = np.zeros(16, np.float32)
+        action[:3] = np.clip((state[36:39] - state[0:3]) * 10, -1, 1)  # hand -> goal
+        _, _, _, _, info = env.step(action)
+        if info["success"]:
+            break
+    assert info["success"] and info["score"] == 1.0
+
+
+@needs("atari-pong")
+def test_atari_screen_sits_centred_on_a_black_canvas():
+    frame, info = make_env("atari-pong", seed=0).reset()
+    assert frame.shape == (224, 224, 3)
+    assert not frame[:, :32].any() and not frame[:, 192:].any() and not frame[:7].any()
+    assert frame[7:217, 32:192].any()
+    assert info["state"].shape == (128,) and info["state"].max() <= 1.0
+
+
+@needs("rd-push-red")
+def test_robodesk_import_does_not_leave_gymnasium_posing_as_gym():
+    from mmbench2_lab.envs.robodesk import _import_robodesk
+
+    _import_robodesk()
+    assert sys.modules.get("gym") is not gymnasium
+
+
+@pytest.mark.skipif(not {"mujoco", "dmcontrol"} <= set(runnable_domains()), reason="needs MuJoCo and dm_control")
+def test_envs_sharing_a_process_do_not_blank_each_others_frames():
+    """Several MuJoCo OpenGL contexts in one process: creating, using or freeing one must not break another."""
+    reacher = make_env("mujoco-reacher", size=SIZE, seed=0)
+    cartpole = make_env("cartpole-balance", size=SIZE, seed=0)
+    reacher.reset(), cartpole.reset()
+    pendulum = make_env("mujoco-inverted-pendulum", size=SIZE, seed=0)
+    pendulum.reset()
+    pendulum.close()
+    for _ in range(2):
+        assert_frame(reacher.step(np.zeros(16, np.float32))[0])
+        assert_frame(cartpole.step(np.zeros(16, np.float32))[0])
+    reacher.close(), cartpole.close()

@@ -46,10 +46,10 @@ class _Domain:
 
 _DOMAINS = {
     "dmcontrol": _Domain("dmcontrol", "dm_control", "dmc", ("dm_control", "mujoco"), True),
-    "mujoco": _Domain("gym_mujoco", "gymnasium's MuJoCo environments", "mujoco", ("mujoco",), True),
+    "mujoco": _Domain("gym_mujoco", "gymnasium's MuJoCo environments", "mujoco", ("mujoco", "imageio"), True),
     "box2d": _Domain("box2d", "gymnasium's Box2D environments", "box2d", ("Box2D", "pygame"), False),
     "metaworld": _Domain("metaworld", "Meta-World", "metaworld", ("metaworld", "mujoco"), True),
-    "ogbench": _Domain("ogbench", "OGBench", "ogbench", ("ogbench", "mujoco"), True),
+    "ogbench": _Domain("ogbench", "OGBench", "ogbench", ("ogbench", "mujoco", "imageio"), True),
     "atari": _Domain("atari", "the Arcade Learning Environment (ale-py)", "atari", ("ale_py",), False),
     "robodesk": _Domain("robodesk", "RoboDesk", "robodesk", ("robodesk", "dm_control", "mujoco"), True),
 }

@@ -93,6 +93,7 @@ class DMControlEnv(gymnasium.Env):
         return self._state(ts.observation), float(ts.reward or 0.0), False, False, {}
 
     def render(self) -> np.ndarray:
+        forget_current_gl_context()
         return self.physics.render(REFERENCE_SIZE, REFERENCE_SIZE, camera_id=self.camera_id)
 
     def close(self):
@@ -101,6 +102,19 @@ class DMControlEnv(gymnasium.Env):
     @staticmethod
     def _state(observation) -> np.ndarray:
         return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+def forget_current_gl_context() -> None:
+    """Make dm_control's next render call eglMakeCurrent again.
+
+    dm_control remembers which of its contexts is current and skips making it current again; other
+    MuJoCo renderers in the process (gymnasium's, ``mujoco.Renderer``) switch contexts behind its back,
+    after which it would draw into the wrong context.
+    """
+    from dm_control._render import base
+
+    base._CURRENT_CONTEXT_FOR_THREAD.clear()
+    base._CURRENT_THREAD_FOR_CONTEXT.clear()
 
 
 class _NumpyWithIn1d(types.ModuleType):

@@ -15,6 +15,7 @@ import sys
 import gymnasium
 import numpy as np
 
+from mmbench2_lab.envs.dmcontrol import forget_current_gl_context
 from mmbench2_lab.envs.wrappers import REFERENCE_SIZE, ActionRepeat, OwnGlobalRNG
 from mmbench2_lab.tasks import TaskSpec
 
@@ -73,7 +74,7 @@ class RoboDeskEnv(gymnasium.Env):
         self.task = task
         self.render_mode = "rgb_array"
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (self.desk.action_dim,), np.float32)
-        dim = sum(self.desk.observation_space[k].shape[0] for k in _STATE_KEYS)
+        dim = self._state(self.desk._get_obs()).size
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
 
     @property
@@ -93,6 +94,7 @@ class RoboDeskEnv(gymnasium.Env):
     def render(self) -> np.ndarray:
         from dm_control import mujoco
 
+        forget_current_gl_context()
         camera = mujoco.Camera(self.physics, height=REFERENCE_SIZE, width=REFERENCE_SIZE, camera_id=-1)
         view = camera._render_camera  # dm_control exposes no setter for a free camera's pose
         view.distance, view.azimuth, view.elevation = _CAMERA["distance"], _CAMERA["azimuth"], _CAMERA["elevation"]

@@ -33,6 +33,9 @@ class ReferenceFrame(gymnasium.Wrapper):
     """Turns the simulator's native ``render()`` into the reference 224x224 frame via ``transform``.
 
     The default transform bilinearly resizes (the reference's "native render, downsized if larger").
+    gymnasium's MuJoCo renderer makes its OpenGL context current only when it creates it; we make it
+    current before every frame, so that other renderers in the process cannot leave it drawing into
+    another (or a freed) context, which yields blank frames.
     """
 
     def __init__(self, env: gymnasium.Env, transform: Callable[[np.ndarray], np.ndarray] | None = None):
@@ -40,6 +43,9 @@ class ReferenceFrame(gymnasium.Wrapper):
         self._transform = transform or (lambda frame: resize_frame(frame, REFERENCE_SIZE))
 
     def render(self) -> np.ndarray:
+        viewer = getattr(getattr(self.env.unwrapped, "mujoco_renderer", None), "viewer", None)
+        if viewer is not None:
+            viewer.make_context_current()
         return self._transform(self.env.render())
 
 
