@@ -1,9 +1,11 @@
 """The paper's hallucination predictors: scalars per predicted frame, computed from the world model alone.
 
-- u_r, tokenizer round-trip residual: how far a predicted latent is from what the tokenizer would
-  produce for the frame it decodes to (off the tokenizer's manifold = perceptual hallucination).
-- u_f, flow instability: how much the clean prediction x1_hat still moves in the late Euler steps.
-- u_s, inter-seed variance: disagreement between predictions from different noise seeds.
+- u_r, tokenizer round-trip residual ("perceptual"): how far a predicted latent is from what the tokenizer
+  produces for the frame it decodes to, i.e. how far off the tokenizer's manifold it lies.
+- u_f, flow instability ("action-marginalised"): how much the clean prediction x1_hat still moves in the
+  late Euler steps.
+- u_s, inter-seed denoising variance ("scene-diverging"): disagreement between predictions from
+  different noise seeds.
 - m, motion: the size of the predicted step; the normalised predictors are u / max(m, 1e-3).
 
 All latents are packed: (..., n_spatial, d_spatial); RMS is over those two axes.
