@@ -106,3 +106,9 @@ def test_frame_size_must_match_the_directory(tmp_path):
     with RawWriter(tmp_path, "cheetah-run", append=True) as w:
         with pytest.raises(ValueError, match="holds 16x16 frames; collect at --size 16"):
             w.add_episode(np.zeros((3, 8, 8, 3), np.uint8), np.zeros((2, 6)), np.zeros(2))
+
+
+def test_unreadable_task_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "cheetah-run.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"cheetah-run\.pt does not load with torch\.load\(weights_only=True\)"):
+        read_raw(tmp_path, "cheetah-run")

@@ -11,10 +11,13 @@ from mmbench2_lab.data.shards import (ChunkedShard, CorruptShardError, ShardFram
                                       preprocess, preprocess_task, read_index, write_shard)
 from mmbench2_lab.data.windows import (Block, DynamicsWindows, TokenizerWindows, held_out_episodes, open_frames,
                                        valid_starts)
+from mmbench2_lab.data.sampling import BlockSampler, make_sampler, rank_partition, task_weights
+from mmbench2_lab.data.hub import download_dataset
 
 __all__ = [
     "FRAMES_PER_STRIP", "RawTask", "RawWriter", "StripFrames", "list_raw_tasks", "read_raw",
     "ChunkedShard", "CorruptShardError", "ShardFrames", "list_shards", "load_shard", "preprocess",
     "preprocess_task", "read_index", "write_shard",
     "Block", "DynamicsWindows", "TokenizerWindows", "held_out_episodes", "open_frames", "valid_starts",
+    "BlockSampler", "make_sampler", "rank_partition", "task_weights", "download_dataset",
 ]

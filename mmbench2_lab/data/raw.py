@@ -109,7 +109,12 @@ def read_raw(directory: str | Path, task: str) -> RawTask:
     if not path.exists():
         raise FileNotFoundError(f"task {task!r} has no {path.name} in {directory}; list the directory to see "
                                 f"which tasks it holds, or download/collect this task first")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a data file is never allowed to run code
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError or struct.error here
+        raise ValueError(f"{path} does not load with torch.load(weights_only=True) ({type(err).__name__}: {str(err).splitlines()[0][:100]}): it is "
+                         f"truncated, not a task file, or holds objects other than tensors; delete it and download "
+                         f"or collect the task again") from err
     missing = [k for k in ("episode", "action", "reward") if k not in data]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}; a raw task file holds episode, action, reward, "
