@@ -42,6 +42,8 @@ class _Windows:
     blocks = [Block("cheetah-run", 0, 4000), Block("cheetah-run", 4000, 2000), Block("walker-walk", 6000, 3000),
               Block("cup-catch", 9000, 1000)]
 
+    starts_per_task = STARTS
+
     def __len__(self):
         return 10000
 

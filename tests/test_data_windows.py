@@ -85,6 +85,8 @@ def test_several_sources_concatenate_with_episode_offsets(dataset, tmp_path):
     extra = make_episodes("cheetah-run", [5], seed=9)
     write_episodes(tmp_path / "more", "cheetah-run", extra)
     ds = DynamicsWindows([root / "raw", tmp_path / "more"], 3, tasks=["cheetah-run"])
+    tok = TokenizerWindows([root / "raw", tmp_path / "more"], 3, tasks=["cheetah-run"])
+    assert tok.starts_per_task == {"cheetah-run": len(TokenizerWindows(root / "raw", 3, tasks=["cheetah-run"])) + 4}
     assert torch.unique(ds.episodes("cheetah-run")).tolist() == [0, 1, 2, 3]
     starts = [ds.locate(i)[1] for i in range(len(ds))]
     assert starts[-3:] == [22, 23, 24]  # the second source's episode begins at frame 22

@@ -104,10 +104,7 @@ def make_sampler(dataset, mode: str = "valid_starts", *, num_samples: int | None
 
     num_samples defaults to ``len(dataset)`` (one nominal epoch).
     """
-    starts: dict[str, int] = {}
-    for b in dataset.blocks:
-        starts[b.task] = starts.get(b.task, 0) + b.count
-    weights = task_weights(starts, mode, alpha=alpha, targeted=targeted)
+    weights = task_weights(dataset.starts_per_task, mode, alpha=alpha, targeted=targeted)
     return BlockSampler(dataset.blocks, weights, len(dataset) if num_samples is None else num_samples,
                         samples_per_shard=samples_per_shard, seed=seed, rank=rank)
 

@@ -112,7 +112,11 @@ class _Windows(Dataset):
 
     @property
     def starts_per_task(self) -> dict[str, int]:
-        return {t: len(s) for t, s in zip(self.tasks, self._starts)}
+        """Number of windows of each task (summed over its sources)."""
+        out: dict[str, int] = {}
+        for t, s in zip(self.tasks, self._starts):
+            out[t] = out.get(t, 0) + len(s)
+        return out
 
 
 class TokenizerWindows(_Windows):
