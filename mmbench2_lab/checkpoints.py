@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from mmbench2_lab.config import Config, DynamicsConfig, TokenizerConfig
+from mmbench2_lab.model.tokenizer import Tokenizer
 from mmbench2_lab.model.world_model import CONFIG_NAME, WorldModel, load_strict
 
 HUB_REPO = "nicklashansen/mmbench2-models"
@@ -181,3 +182,44 @@ def load_pretrained(name: str, *, local_dir: Optional[str | os.PathLike] = None,
         raise FileNotFoundError(f"{folder} holds neither {CONFIG_NAME} (WorldModel.save_pretrained) nor an official "
                                 "tokenizer.pt + dynamics.pt pair")
     raise ValueError(f"unknown model {name!r}: use 'bundled', one of {', '.join(VARIANTS)}, or a local folder")
+
+
+# -- tokenizers alone (the first training stage's output, or the frozen tokenizer of the second) ------------
+TOKENIZER_WEIGHTS = "tokenizer.safetensors"
+
+
+def save_tokenizer(tokenizer: Tokenizer, config: Config, directory: str | os.PathLike) -> Path:
+    """Write ``tokenizer.safetensors`` + ``config.json`` (the whole run config) into ``directory``."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (TOKENIZER_WEIGHTS + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}, str(tmp))
+    os.replace(tmp, directory / TOKENIZER_WEIGHTS)
+    config.save(directory / CONFIG_NAME)
+    return directory
+
+
+def load_tokenizer(path: str | os.PathLike) -> tuple[Tokenizer, TokenizerConfig]:
+    """A tokenizer (eval mode, CPU) from a ``save_tokenizer`` folder, a world-model folder, an official
+    ``tokenizer.pt`` or a folder holding one."""
+    path = Path(path)
+    if path.is_dir() and (path / TOKENIZER_WEIGHTS).is_file() and (path / CONFIG_NAME).is_file():
+        from safetensors.torch import load_file
+        cfg = Config.load(path / CONFIG_NAME).tokenizer
+        tok = Tokenizer(cfg)
+        load_strict(tok, load_file(str(path / TOKENIZER_WEIGHTS)), f"{path / TOKENIZER_WEIGHTS}")
+        return tok.eval(), cfg
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        model = WorldModel.from_pretrained(path)
+        return model.tokenizer, model.config.tokenizer
+    if path.is_dir() and (path / "tokenizer.pt").is_file():
+        path = path / "tokenizer.pt"
+    if path.is_file():
+        ckpt = _load_file(path, "tokenizer")
+        cfg = tokenizer_config_from_args(ckpt.get("args") or {})
+        tok = Tokenizer(cfg)
+        load_strict(tok, _model_state(ckpt, path, "tokenizer"), f"tokenizer {path}")
+        return tok.eval(), cfg
+    raise FileNotFoundError(f"no tokenizer at {path}: expected a folder with {TOKENIZER_WEIGHTS} + {CONFIG_NAME} "
+                            "(mmbench2-lab train-tokenizer), a world-model folder, or an official tokenizer.pt")

@@ -18,6 +18,8 @@ COMMANDS = {
     "calibration-report": ("mmbench2_lab.calibration_cli", "predictor Spearman rho and AUROC vs rollout dPSNR"),
     "collect": ("mmbench2_lab.collect_cli", "run a policy in live simulators and save episodes (raw layout)"),
     "preprocess": ("mmbench2_lab.data.preprocess_cli", "convert a raw partition into .chunks / .pt frame shards"),
+    "train-tokenizer": ("mmbench2_lab.training.train_cli", "train the video tokenizer (masked auto-encoding)"),
+    "train-dynamics": ("mmbench2_lab.training.train_cli", "train the dynamics on a frozen tokenizer"),
     "download": ("mmbench2_lab.data.download_cli", "fetch MMBench2 partitions or tasks from the Hugging Face Hub"),
 }
 

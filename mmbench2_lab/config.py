@@ -2,7 +2,7 @@
 
 Every option is a dataclass field with a one-line help string (``metadata["help"]``). A config is written
 to and read from JSON or YAML, and overridden with dotted ``key=value`` strings (command line) or a flat
-dict (a papermill ``parameters`` cell), e.g. ``{"tokenizer.d_model": 128, "train.steps": 200}``.
+dict (a papermill ``parameters`` cell), e.g. ``{"tokenizer.d_model": 128, "dynamics_train.steps": 200}``.
 
 Presets:
 - ``paper``: the released 350M configuration (tokenizer 50.8M + 50.9M, dynamics 237.5M), 224x224 frames.
@@ -138,6 +138,13 @@ class TrainConfig:
     reward_weight: float = _opt(0.0, "dynamics: reward head loss weight")
     bc_weight: float = _opt(0.0, "dynamics: BC head loss weight")
     eval_every: int = _opt(1000, "steps between evaluations")
+    eval_ctx: int = _opt(8, "dynamics evaluation: context frames of each rollout")
+    eval_horizon: int = _opt(16, "dynamics evaluation: frames rolled out open-loop")
+    eval_windows: int = _opt(32, "held-out windows per evaluation")
+    val_fraction: float = _opt(0.1, "episodes per task held out for validation when val_dirs is empty")
+    tokenizer_path: str = _opt("", "dynamics: the frozen tokenizer (our folder, a world-model folder, or an "
+                                   "official tokenizer.pt)")
+    init_from: str = _opt("", "start from these weights (our folder or official files) instead of scratch")
     ckpt_every: int = _opt(5000, "steps between checkpoints")
     log_every: int = _opt(50, "steps between metric lines")
     seed: int = _opt(0, "random seed")
@@ -163,7 +170,8 @@ class Config:
     """A whole workbench configuration: model, training and sampling."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer_train: TrainConfig = field(default_factory=TrainConfig)
+    dynamics_train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     preset: str = _opt("paper", "the preset this config started from")
 
@@ -208,7 +216,7 @@ class Config:
         return cls.from_dict(data)
 
     def override(self, overrides: Mapping[str, Any] | list[str] | None) -> "Config":
-        """A copy with dotted overrides applied: ``{"train.steps": 10}`` or ``["train.steps=10"]``."""
+        """A copy with dotted overrides applied: ``{"dynamics_train.steps": 10}`` or ``["dynamics_train.steps=10"]``."""
         data = self.to_dict()
         for key, value in _as_pairs(overrides):
             section, _, name = key.partition(".")
@@ -299,7 +307,8 @@ def _paper() -> Config:
     return Config(
         tokenizer=TokenizerConfig(),
         dynamics=DynamicsConfig(),
-        train=TrainConfig(seq_len=24, batch_size=12, steps=300_000),
+        tokenizer_train=TrainConfig(seq_len=24, batch_size=12, steps=300_000, ckpt_every=10_000),
+        dynamics_train=TrainConfig(seq_len=24, batch_size=64, steps=180_000, warmup_steps=1000, eval_every=1000),
         sampler=SamplerConfig(steps=4, tau_ctx=0.1, ctx_window=24),
         preset="paper",
     )
@@ -310,7 +319,8 @@ def _small() -> Config:
         tokenizer=TokenizerConfig(height=128, width=128, patch=8, d_model=384, n_heads=6, depth=8,
                                   n_latents=32, d_bottleneck=32),
         dynamics=DynamicsConfig(d_model=512, n_heads=8, depth=8, k_max=64),
-        train=TrainConfig(seq_len=16, batch_size=16, steps=50_000, warmup_steps=500),
+        tokenizer_train=TrainConfig(seq_len=8, batch_size=32, steps=50_000, ckpt_every=5000),
+        dynamics_train=TrainConfig(seq_len=24, batch_size=32, steps=50_000, warmup_steps=500),
         sampler=SamplerConfig(steps=4, tau_ctx=0.1, ctx_window=16),
         preset="small",
     )
@@ -321,9 +331,12 @@ def _tiny() -> Config:
         tokenizer=TokenizerConfig(height=64, width=64, patch=8, d_model=128, n_heads=4, depth=3,
                                   n_latents=16, d_bottleneck=16, dropout=0.0),
         dynamics=DynamicsConfig(d_model=192, n_heads=4, depth=4, time_every=2, k_max=16),
-        train=TrainConfig(seq_len=12, batch_size=16, steps=2000, lr=1e-3, warmup_steps=100,
-                          bootstrap_start=500, eval_every=250, ckpt_every=500, log_every=25),
-        sampler=SamplerConfig(steps=4, tau_ctx=0.1, ctx_window=12),
+        tokenizer_train=TrainConfig(seq_len=4, batch_size=16, steps=3000, lr=1e-3, warmup_steps=100,
+                                    eval_every=500, ckpt_every=500, log_every=25, eval_windows=32),
+        dynamics_train=TrainConfig(seq_len=24, batch_size=16, steps=3000, lr=5e-4, warmup_steps=100,
+                                   bootstrap_start=1000, eval_every=500, ckpt_every=500, log_every=25,
+                                   eval_windows=16),
+        sampler=SamplerConfig(steps=4, tau_ctx=0.1, ctx_window=24),
         preset="tiny",
     )
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from mmbench2_lab.model.dynamics import Dynamics
 from mmbench2_lab.model.heads import PolicyHead, RewardHead, bc_loss, reward_loss
+from mmbench2_lab.training.engine import EmaRms
 
 
 def led_to_actions(act: torch.Tensor, act_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,27 +30,6 @@ def led_to_actions(act: torch.Tensor, act_mask: torch.Tensor) -> tuple[torch.Ten
     actions, mask = torch.zeros_like(act), torch.zeros_like(act_mask)
     actions[:, 1:], mask[:, 1:] = act[:, :-1], act_mask[:, :-1]
     return actions, mask
-
-
-class EmaRms(nn.Module):
-    """Running RMS of a loss: sq_ema <- 0.99 sq_ema + 0.01 loss^2 (detached); normalise by sqrt(sq_ema)."""
-
-    def __init__(self, decay: float = 0.99):
-        super().__init__()
-        self.decay = decay
-        self.register_buffer("sq_ema", torch.tensor(1.0))
-
-    @torch.no_grad()
-    def update(self, loss: torch.Tensor) -> None:
-        v = float(loss.detach().float())
-        self.sq_ema.mul_(self.decay).add_((1.0 - self.decay) * v * v)
-
-    def normalize(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss / self.sq_ema.sqrt().clamp_min(1e-8)
-
-    @property
-    def rms(self) -> float:
-        return float(self.sq_ema.sqrt())
 
 
 @dataclass

@@ -24,11 +24,11 @@ def test_paper_preset_matches_the_released_configuration():
 
 
 def test_dotted_overrides_coerce_types_from_strings_and_dicts():
-    cfg = preset("tiny", ["train.steps=7", "tokenizer.d_model=64", "train.compile=true", "sampler.tau_ctx=0.05"])
-    assert cfg.train.steps == 7 and cfg.tokenizer.d_model == 64 and cfg.train.compile is True
+    cfg = preset("tiny", ["dynamics_train.steps=7", "tokenizer.d_model=64", "dynamics_train.compile=true", "sampler.tau_ctx=0.05"])
+    assert cfg.dynamics_train.steps == 7 and cfg.tokenizer.d_model == 64 and cfg.dynamics_train.compile is True
     assert cfg.sampler.tau_ctx == pytest.approx(0.05)
-    cfg2 = preset("tiny", {"train.steps": "9"})
-    assert cfg2.train.steps == 9
+    cfg2 = preset("tiny", {"dynamics_train.steps": "9"})
+    assert cfg2.dynamics_train.steps == 9
 
 
 def test_tokenizer_latent_grid_propagates_to_the_dynamics():
@@ -38,13 +38,13 @@ def test_tokenizer_latent_grid_propagates_to_the_dynamics():
 
 
 def test_unknown_key_names_close_matches():
-    with pytest.raises(KeyError, match="train.steps"):
-        preset("tiny", {"train.step": 3})
+    with pytest.raises(KeyError, match="dynamics_train.steps"):
+        preset("tiny", {"dynamics_train.step": 3})
 
 
 def test_bad_values_are_rejected_with_the_reason():
-    with pytest.raises(TypeError, match="train.steps.*integer"):
-        preset("tiny", {"train.steps": [1, 2]})
+    with pytest.raises(TypeError, match="dynamics_train.steps.*integer"):
+        preset("tiny", {"dynamics_train.steps": [1, 2]})
     with pytest.raises(ValueError, match="multiples of patch"):
         preset("tiny", {"tokenizer.patch": 7})
     with pytest.raises(ValueError, match="power of two"):
@@ -55,8 +55,8 @@ def test_bad_values_are_rejected_with_the_reason():
 
 def test_config_command_writes_an_editable_file(tmp_path, capsys):
     out = tmp_path / "run.yaml"
-    assert main(["config", "--preset", "tiny", "--set", "train.steps=11", "--out", str(out)]) == 0
-    assert Config.load(out).train.steps == 11
-    assert main(["config", "--from", str(out), "--set", "train.lr=0.5"]) == 0
+    assert main(["config", "--preset", "tiny", "--set", "dynamics_train.steps=11", "--out", str(out)]) == 0
+    assert Config.load(out).dynamics_train.steps == 11
+    assert main(["config", "--from", str(out), "--set", "dynamics_train.lr=0.5"]) == 0
     printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert printed["train"]["lr"] == 0.5 and printed["train"]["steps"] == 11
+    assert printed["dynamics_train"]["lr"] == 0.5 and printed["dynamics_train"]["steps"] == 11

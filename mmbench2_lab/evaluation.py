@@ -1,0 +1,123 @@
+"""How good is a world model on held-out windows: reconstruction, rollout dPSNR, action attribution.
+
+- ``psnr``: 10 log10(1 / MSE) on [0, 1] pixels.
+- ``rollout_gain``: open-loop rollout from ground-truth context with ground-truth actions; the gain is
+  PSNR(pred, gt) - PSNR(floor, gt) over the horizon, where the floor repeats the last context frame
+  (the paper's "scene-divergence threshold" is gain = 0). Reference ``run_dynamics_eval``: 8 + 16 frames.
+- ``action_attribution``: teacher-forced one-step latent MSE (K = 1) with the real actions, actions
+  permuted across sequences, permuted in time, and zeroed; the ratios intervention / real say how much
+  the model listens to actions (about 1 = "action marginalisation"). Noise is shared across conditions.
+
+Windows follow the dataset convention of ``DynamicsWindows``: obs (B, T+1, C, H, W) uint8, act (B, T, 16)
+where act[:, t] is taken at obs[:, t].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmbench2_lab.flow_matching import led_to_actions
+from mmbench2_lab.sampler import rollout, sample_next
+
+
+def psnr(mse: torch.Tensor | float) -> torch.Tensor:
+    """PSNR in dB of a mean squared error on [0, 1] pixels."""
+    mse = torch.as_tensor(mse, dtype=torch.float64)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def to_unit(obs: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float in [0, 1] (float input passes through)."""
+    return obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.float()
+
+
+def window_actions(act: torch.Tensor, act_mask: torch.Tensor, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Led-to actions for the first ``n_frames`` frames of a window: actions[:, j] led to frame j (j >= 1);
+    frame 0 gets the zero action and mask."""
+    pad = n_frames - act.shape[1]
+    if pad > 0:
+        act = torch.cat([act, act.new_zeros(act.shape[0], pad, act.shape[2])], dim=1)
+        act_mask = torch.cat([act_mask, act_mask.new_zeros(act.shape[0], pad, act.shape[2])], dim=1)
+    return led_to_actions(act[:, :n_frames], act_mask[:, :n_frames])
+
+
+@dataclass
+class RolloutEval:
+    gain_db: torch.Tensor  # (B,) PSNR(pred) - PSNR(floor) over the horizon
+    psnr_pred: torch.Tensor  # (B,)
+    psnr_floor: torch.Tensor  # (B,)
+    pred: torch.Tensor  # (B, N, horizon, C, H, W) decoded predictions in [0, 1]
+    truth: torch.Tensor  # (B, horizon, C, H, W)
+    latents: torch.Tensor  # (B, N, horizon, S, D) sampled latents
+    x1_traj: torch.Tensor  # (B, N, horizon, n_exec, S, D) clean predictions per Euler step
+    context: torch.Tensor  # (B, ctx, S, D) encoded context
+
+
+@torch.no_grad()
+def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: torch.Tensor, *, ctx: int = 8,
+                 horizon: int = 16, n_seeds: int = 1, steps: int | None = None, tau_ctx: float | None = None,
+                 generator: torch.Generator | None = None) -> RolloutEval:
+    """Open-loop rollout dPSNR over the repeat-last-frame floor; the gain is averaged over seeds' MSE.
+
+    obs: (B, >= ctx+horizon, C, H, W); act, act_mask: (B, >= ctx+horizon-1, 16) dataset convention.
+    The context is encoded jointly (causal), as the trainer sees windows.
+    """
+    n = ctx + horizon
+    if obs.shape[1] < n:
+        raise ValueError(f"windows have {obs.shape[1]} frames; ctx {ctx} + horizon {horizon} needs {n}")
+    frames = to_unit(obs[:, :n])
+    actions, mask = window_actions(act, act_mask, n)
+    context = world_model.encode(frames[:, :ctx])
+    ro = rollout(world_model, context, actions, horizon, n_seeds=n_seeds, act_mask=mask, steps=steps,
+                 tau_ctx=tau_ctx, generator=generator)
+    truth = frames[:, ctx:]
+    mse_pred = ((ro.frames - truth[:, None]) ** 2).flatten(2).mean(-1).mean(1)  # (B,) mean over seeds
+    mse_floor = ((frames[:, ctx - 1:ctx] - truth) ** 2).flatten(1).mean(-1)
+    p, f = psnr(mse_pred), psnr(mse_floor)
+    return RolloutEval(gain_db=p - f, psnr_pred=p, psnr_floor=f, pred=ro.frames, truth=truth,
+                       latents=ro.latents, x1_traj=ro.x1_traj, context=context)
+
+
+@torch.no_grad()
+def action_attribution(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: torch.Tensor, *,
+                       tau_ctx: float = 0.1, seed: int = 12345, positions: int | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Teacher-forced one-step (K = 1) latent MSE per sequence under four action conditions.
+
+    Every frame t = 1..T-1 is predicted from frames < t (the reference); ``positions`` limits that to that
+    many evenly spaced t, for cheap evaluations during training.
+
+    Returns per-sequence (B,) tensors ``mse_real``, ``mse_shuffle``, ``mse_timeshuffle``, ``mse_zero`` and
+    the pooled ratios ``action_shuffle_ratio``, ``action_timeshuffle_ratio``, ``action_zero_ratio``
+    (intervention MSE / real MSE, over the pool). Needs B >= 2 for the cross-sequence shuffle.
+    """
+    B, n = obs.shape[0], obs.shape[1] - 1
+    if B < 2:
+        raise ValueError("action_attribution needs at least 2 sequences to shuffle actions across")
+    z = world_model.encode(to_unit(obs[:, :n]))
+    actions, mask = window_actions(act, act_mask, n)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(B, generator=g)
+    if (perm == torch.arange(B)).all():
+        perm = perm.roll(1)
+    tperm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(n - 1, generator=g)])
+    conditions = {"real": actions, "shuffle": actions[perm], "timeshuffle": actions[:, tperm],
+                  "zero": torch.zeros_like(actions)}
+    masks = {"real": mask, "shuffle": mask[perm], "timeshuffle": mask[:, tperm], "zero": mask}
+    targets = range(1, n) if positions is None else sorted(set(
+        torch.linspace(1, n - 1, min(positions, n - 1)).round().long().tolist()))
+    out = {}
+    for name, a in conditions.items():
+        gen = torch.Generator(device=z.device).manual_seed(seed)  # the same noise in every condition
+        err = []
+        for t in targets:
+            s = sample_next(world_model.dynamics, z[:, :t], a[:, :t + 1], masks[name][:, :t + 1], steps=1,
+                            tau_ctx=tau_ctx, generator=gen)
+            err.append(((s.z - z[:, t]) ** 2).flatten(1).mean(-1))
+        out[f"mse_{name}"] = torch.stack(err, 1).mean(1)
+    real = out["mse_real"].mean()
+    for name in ("shuffle", "timeshuffle", "zero"):
+        key = "action_shuffle_ratio" if name == "shuffle" else f"action_{name}_ratio"
+        out[key] = out[f"mse_{name}"].mean() / real.clamp_min(1e-12)
+    return out
