@@ -41,7 +41,8 @@ class TokenizerConfig:
     n_latents: int = _opt(64, "latent tokens per frame")
     d_bottleneck: int = _opt(64, "channels per latent token (tanh-bounded)")
     mlp_ratio: float = _opt(4.0, "MLP expansion before the 2/3 gated-SiLU factor")
-    time_every: int = _opt(1, "a layer i has causal time attention iff (i+1) % time_every == 0")
+    time_every: int = _opt(1, "a layer i has causal time attention iff (i+1) % time_every == 0 "
+                              "(above depth: a frame-wise tokenizer)")
     dropout: float = _opt(0.05, "dropout (training only)")
     latents_only_time: bool = _opt(True, "time attention runs over latent tokens only")
 
@@ -51,6 +52,11 @@ class TokenizerConfig:
                              f"patch {self.patch}; choose a patch that divides both")
         if self.d_model % self.n_heads:
             raise ValueError(f"tokenizer: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+
+    @property
+    def frame_wise(self) -> bool:
+        """True when no layer has time attention: each frame encodes alone, so latents can be cached."""
+        return self.time_every > self.depth
 
     @property
     def n_patches(self) -> int:
@@ -328,8 +334,9 @@ def _small() -> Config:
 
 def _tiny() -> Config:
     return Config(
+        # Frame-wise (no time layers): latents are cached once for dynamics training on a CPU.
         tokenizer=TokenizerConfig(height=64, width=64, patch=8, d_model=128, n_heads=4, depth=3,
-                                  n_latents=16, d_bottleneck=16, dropout=0.0),
+                                  time_every=4, n_latents=16, d_bottleneck=16, dropout=0.0),
         dynamics=DynamicsConfig(d_model=192, n_heads=4, depth=4, time_every=2, k_max=16),
         tokenizer_train=TrainConfig(seq_len=4, batch_size=16, steps=3000, lr=1e-3, warmup_steps=100,
                                     eval_every=500, ckpt_every=500, log_every=25, eval_windows=32),

@@ -263,6 +263,14 @@ class DynamicsWindows(_Windows):
         """(N,) episode id of every frame of ``task`` (after the per-source offsets)."""
         return self._data[self.tasks.index(task)][0]
 
+    def num_frames(self, task: str) -> int:
+        """Frames of ``task`` across its sources."""
+        return len(self.episodes(task))
+
+    def read_frames(self, task: str, start: int, end: int) -> torch.Tensor:
+        """Frames [start, end) of ``task`` (sources concatenated): (n, 3, H, W) uint8."""
+        return self._frames(self.tasks.index(task), start, end)
+
     def _frames(self, ti: int, start: int, end: int) -> torch.Tensor:
         parts = []
         for frame0, n, src in self._segments[ti]:
@@ -272,6 +280,10 @@ class DynamicsWindows(_Windows):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.item(idx)
+
+    def item(self, idx: int, *, with_obs: bool = True) -> dict[str, torch.Tensor]:
+        """The window ``idx``; ``with_obs=False`` skips reading frames (for callers with cached latents)."""
         ti = bisect.bisect_right(self._cum, idx)
         task, start = self.locate(idx)
         spec, t = get_task(task), self.seq_len
@@ -280,7 +292,8 @@ class DynamicsWindows(_Windows):
         act[:, :spec.action_dim] = torch.nan_to_num(action[start + 1:start + 1 + t, :spec.action_dim], nan=0.0)
         mask = torch.tensor(spec.action_mask).expand(t, ACTION_DIM).clone()
         lang = self._lang[ti]
-        return {"obs": self._frames(ti, start, start + t + 1), "act": act, "act_mask": mask,
+        obs = {"obs": self._frames(ti, start, start + t + 1)} if with_obs else {}
+        return {**obs, "act": act, "act_mask": mask,
                 "rew": reward[start + 1:start + 1 + t].clone(),
                 "task_idx": torch.tensor(spec.index, dtype=torch.long),
                 "lang_emb": torch.zeros(self.lang_dim) if lang is None else lang,

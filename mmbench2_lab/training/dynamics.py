@@ -38,6 +38,38 @@ def global_loss_draws(shape: tuple[int, int, int, int], b_self: int, k_max: int,
     return LossDraws(step_idx_self, u, z0)
 
 
+class LatentWindows(torch.utils.data.Dataset):
+    """``DynamicsWindows`` whose frames are replaced by latents encoded once up front.
+
+    Only for frame-wise tokenizers (no time attention), where encoding a frame alone equals encoding it in
+    a window; it removes the frozen tokenizer from every training step. Items carry "z" (T, S, D) for the
+    window's first T frames instead of "obs".
+    """
+
+    def __init__(self, windows: DynamicsWindows, model: WorldModel, device: torch.device, chunk: int = 256):
+        if not model.config.tokenizer.frame_wise:
+            raise ValueError("latent caching needs a frame-wise tokenizer (no time-attention layers)")
+        self.windows = windows
+        self.starts_per_task = windows.starts_per_task
+        self.latents = {}
+        with torch.no_grad():
+            for task in windows.tasks:
+                n, zs = windows.num_frames(task), []
+                for a in range(0, n, chunk):
+                    frames = windows.read_frames(task, a, min(n, a + chunk)).to(device).float() / 255.0
+                    zs.append(model.encode(frames[:, None])[:, 0].cpu())
+                self.latents[task] = torch.cat(zs)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, idx: int) -> dict:
+        task, start = self.windows.locate(idx)
+        item = self.windows.item(idx, with_obs=False)
+        item["z"] = self.latents[task][start:start + self.windows.seq_len]
+        return item
+
+
 class DynamicsStage(Stage):
     name = "dynamics"
     section = "dynamics_train"
@@ -93,14 +125,19 @@ class DynamicsStage(Stage):
         if not tc.data_dirs:
             raise ValueError("dynamics_train.data_dirs is empty: collect data first (mmbench2-lab collect ... "
                              "--out DIR) and pass dynamics_train.data_dirs=[DIR]")
-        return DynamicsWindows(tc.data_dirs, tc.seq_len, split="all" if tc.val_dirs else "train",
-                               val_fraction=tc.val_fraction, lang_dim=self.config.dynamics.lang_dim)
+        windows = DynamicsWindows(tc.data_dirs, tc.seq_len, split="all" if tc.val_dirs else "train",
+                                  val_fraction=tc.val_fraction, lang_dim=self.config.dynamics.lang_dim)
+        if self.config.tokenizer.frame_wise:
+            return LatentWindows(windows, self.model, self.d.device)
+        return windows
 
     def loss(self, batch, step, nets):
         tc, dc, d = self.tc, self.config.dynamics, self.d
-        frames = batch["obs"][:, :-1].float() / 255.0
-        with torch.no_grad():
-            z1 = self.model.encode(frames)
+        if "z" in batch:
+            z1 = batch["z"]
+        else:
+            with torch.no_grad():
+                z1 = self.model.encode(batch["obs"][:, :-1].float() / 255.0)
         actions, mask = led_to_actions(batch["act"], batch["act_mask"])
         B, T = z1.shape[:2]
         Bg = B * d.world_size

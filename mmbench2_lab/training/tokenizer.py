@@ -30,11 +30,16 @@ def mae_masks(shape: tuple[int, int, int], p_max: float, generator: torch.Genera
     return torch.rand(B, T, Np, generator=generator) >= 1.0 - p
 
 
-def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches (all patch values), in float32; (B,T,Np,Dp), (B,T,Np)."""
+def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor,
+                     n_masked: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Mean squared error over the masked patches (all patch values), in float32; (B,T,Np,Dp), (B,T,Np).
+
+    ``n_masked`` overrides the denominator: data-parallel ranks pass the global count / world size, so
+    averaging their losses gives exactly the global-batch loss.
+    """
     err = ((pred.float() - target.float()) ** 2).sum(-1)
-    n = masked.sum()
-    if n == 0:  # nothing was masked in this slice: fall back to the full reconstruction error
+    n = masked.sum() if n_masked is None else n_masked
+    if float(n) == 0:  # nothing was masked: fall back to the full reconstruction error
         return err.mean() / target.shape[-1]
     return (err * masked).sum() / (n * target.shape[-1])
 
@@ -71,10 +76,11 @@ class TokenizerStage(Stage):
         patches = patchify(batch["frames"], c.patch)
         B, T, Np, _ = patches.shape
         g = step_generator(tc.seed, step, stream=2)
-        masked = rank_slice(mae_masks((B * self.d.world_size, T, Np), tc.mae_p_max, g), self.d).to(patches.device)
+        masks = mae_masks((B * self.d.world_size, T, Np), tc.mae_p_max, g)
+        masked = rank_slice(masks, self.d).to(patches.device)
         z, _ = nets["encoder"](patches, mae_mask=masked)
         pred = nets["decoder"](z)
-        mse = masked_patch_mse(pred, patches, masked)
+        mse = masked_patch_mse(pred, patches, masked, masks.sum() / self.d.world_size)
         return self.rms(mse), {"mse": mse.detach(), "psnr_masked": psnr(mse.detach()),
                                        "keep_frac": 1.0 - masked.float().mean()}
 

@@ -1,0 +1,123 @@
+"""Training runs: they learn, they resume exactly after kill -9, and torchrun matches one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmbench2_lab.config import preset
+from mmbench2_lab.training.engine import read_metrics
+
+# A micro configuration of the real architecture: 16x16 frames, one layer per stack.
+MICRO = ["tokenizer.height=16", "tokenizer.width=16", "tokenizer.patch=4", "tokenizer.d_model=32",
+         "tokenizer.n_heads=2", "tokenizer.depth=1", "tokenizer.time_every=1", "tokenizer.n_latents=4",
+         "tokenizer.d_bottleneck=8", "dynamics.d_model=32", "dynamics.n_heads=2", "dynamics.depth=2",
+         "dynamics.k_max=8"]
+
+
+def cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "mmbench2_lab.cli", *args], env=env, **kw)
+
+
+def train_args(stage, data, out, steps, extra=(), options=()):
+    section = "tokenizer_train" if stage == "train-tokenizer" else "dynamics_train"
+    return [stage, "--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", str(steps),
+            "--no-progress", *options, "--set", *MICRO, f"{section}.batch_size=4", f"{section}.seq_len=4",
+            f"{section}.ckpt_every=3", f"{section}.eval_every=0", f"{section}.log_every=1", *extra]
+
+
+def weights(folder: Path, name: str) -> dict:
+    return load_file(str(folder / name))
+
+
+def test_tokenizer_training_reduces_the_loss_and_exports(sim_data, tmp_path):
+    out = tmp_path / "tok"
+    proc = cli(*train_args("train-tokenizer", sim_data, out, 30, [f"tokenizer_train.val_dirs=[{sim_data}]",
+                                                                  "tokenizer_train.lr=0.003"]))
+    assert proc.wait(timeout=300) == 0
+    rows = [r for r in read_metrics(out) if "train/mse" in r]
+    first, last = sum(r["train/mse"] for r in rows[:5]) / 5, sum(r["train/mse"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first
+    assert any("val/psnr/dmcontrol" in r for r in read_metrics(out))
+    assert (out / "tokenizer" / "tokenizer.safetensors").is_file()
+
+
+def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, tmp_path):
+    steps = 24
+    full = tmp_path / "full"
+    assert cli(*train_args("train-tokenizer", sim_data, full, steps)).wait(timeout=300) == 0
+
+    cut = tmp_path / "cut"
+    proc = cli(*train_args("train-tokenizer", sim_data, cut, steps))
+    latest = cut / "checkpoints" / "latest.pt"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(latest, weights_only=True)["step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed; the test proved nothing"
+
+    assert cli(*train_args("train-tokenizer", sim_data, cut, steps), "--resume").wait(timeout=300) == 0
+    a, b = weights(full / "tokenizer", "tokenizer.safetensors"), weights(cut / "tokenizer", "tokenizer.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run re-logged the steps after the checkpoint instead of duplicating them
+    steps_logged = [r["step"] for r in read_metrics(cut) if "train/loss" in r]
+    assert steps_logged == sorted(set(steps_logged))
+
+
+def test_torchrun_two_processes_match_one_process_at_equal_global_batch(sim_data, tmp_path):
+    steps = 4
+    one = tmp_path / "one"
+    extra = ["tokenizer_train.batch_size=4"]
+    assert cli(*train_args("train-tokenizer", sim_data, one, steps, extra)).wait(timeout=300) == 0
+    two = tmp_path / "two"
+    args = train_args("train-tokenizer", sim_data, two, steps, ["tokenizer_train.batch_size=2"])
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29517", "-m", "mmbench2_lab.cli", *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.wait(timeout=300) == 0
+    a, b = weights(one / "tokenizer", "tokenizer.safetensors"), weights(two / "tokenizer", "tokenizer.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+    # a second process never wrote: one metrics stream, one config
+    assert len(list(two.glob("metrics*.jsonl"))) == 1
+
+
+def test_dynamics_training_on_a_frozen_tokenizer_runs_evaluates_and_exports(sim_data, tmp_path):
+    tok = tmp_path / "tok"
+    assert cli(*train_args("train-tokenizer", sim_data, tok, 3)).wait(timeout=300) == 0
+    out = tmp_path / "dyn"
+    extra = ["dynamics_train.eval_every=4", "dynamics_train.eval_ctx=2",
+             "dynamics_train.eval_horizon=3", "dynamics_train.eval_windows=4", "dynamics_train.val_fraction=0.34",
+             "dynamics_train.bootstrap_start=2"]
+    options = ["--tokenizer", str(tok / "tokenizer")]
+    assert cli(*train_args("train-dynamics", sim_data, out, 6, extra, options)).wait(timeout=300) == 0
+    rows = read_metrics(out)
+    evals = [r for r in rows if "val/dpsnr" in r]
+    assert evals and all(r["val/action_shuffle_ratio"] > 0 for r in evals)
+    assert any(r.get("train/bootstrap_mse", 0) > 0 for r in rows)
+    from mmbench2_lab.checkpoints import load_pretrained
+    model = load_pretrained(str(out / "world_model"))
+    assert json.loads((out / "world_model" / "config.json").read_text())["tokenizer"]["d_model"] == 32
+    assert model.config.dynamics.depth == 2
+
+
+def test_bad_training_input_is_named(tmp_path, capsys):
+    from mmbench2_lab.cli import main
+    assert main(["train-dynamics", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "tokenizer_path is empty" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="LPIPS"):
+        from mmbench2_lab.training.tokenizer import TokenizerStage
+        TokenizerStage(preset("tiny", {"tokenizer_train.lpips_weight": 0.2}))
