@@ -1,4 +1,5 @@
 """make_env: live simulators behind one gymnasium contract (real simulators, small frames)."""
+import gc
 import sys
 
 import gymnasium
@@ -281,3 +282,15 @@ def test_envs_sharing_a_process_do_not_blank_each_others_frames():
         assert_frame(reacher.step(np.zeros(16, np.float32))[0])
         assert_frame(cartpole.step(np.zeros(16, np.float32))[0])
     reacher.close(), cartpole.close()
+
+
+@needs("mujoco-reacher")
+def test_a_closed_env_collected_later_does_not_blank_a_live_one():
+    old = make_env("mujoco-inverted-pendulum", size=SIZE, seed=0)
+    old.reset()
+    old.close()
+    live = make_env("mujoco-reacher", size=SIZE, seed=0)
+    live.reset()
+    del old
+    gc.collect()
+    assert_frame(live.step(np.zeros(16, np.float32))[0])

@@ -26,7 +26,7 @@ import gymnasium
 import numpy as np
 
 from mmbench2_lab.envs.wrappers import MMBench2Env, PadAction
-from mmbench2_lab.tasks import get_task
+from mmbench2_lab.tasks import TaskSpec, get_task
 
 __all__ = ["make_env", "is_runnable", "runnable_domains", "UnsupportedTaskError"]
 
@@ -76,8 +76,7 @@ def make_env(task: str, *, size: int = 224, seed: int | None = None, render: boo
         ``env.unwrapped`` is the simulator.
     """
     spec = get_task(task)
-    domain = _domain_of(spec.name)
-    module = _import_domain(spec.name, domain)
+    module = _factory(spec)
     env = module.make(spec)
     env = gymnasium.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
     env = PadAction(env, spec.action_dim)
@@ -103,28 +102,28 @@ def runnable_domains() -> list[str]:
     return [name for name in _DOMAINS if _installed(name)]
 
 
-def _domain_of(name: str) -> _Domain:
-    spec = get_task(name)
+def _factory(spec: TaskSpec):
+    """The domain module that builds ``spec``, ready to use; raises when the task cannot run here."""
     if spec.domain in _NOT_YET:
-        raise UnsupportedTaskError(f"task {name!r} needs {_NOT_YET[spec.domain]}, which mmbench2-lab does not "
-                                   "run yet. `mmbench2-lab tasks --runnable` lists the tasks that run here.")
-    return _DOMAINS[spec.domain]
-
-
-def _import_domain(name: str, domain: _Domain):
+        raise _unsupported(spec.name, _NOT_YET[spec.domain])
+    domain = _DOMAINS[spec.domain]
     module = _domain_module(domain.module)
-    if name in module.NOT_YET:
-        raise UnsupportedTaskError(f"task {name!r} needs {module.NOT_YET[name]}, which mmbench2-lab does not "
-                                   "run yet. `mmbench2-lab tasks --runnable` lists the tasks that run here.")
-    if name not in module.TASKS:
-        raise KeyError(f"task {name!r} is missing from {module.__name__}.TASKS and NOT_YET: add it to one")
-    missing = [m for m in domain.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"task {name!r} needs {domain.simulator}, but {', '.join(missing)} is not installed "
-                          f"here: pip install 'mmbench2-lab[{domain.extra}]'")
+    if spec.name in module.NOT_YET:
+        raise _unsupported(spec.name, module.NOT_YET[spec.name])
+    if spec.name not in module.TASKS:
+        raise KeyError(f"task {spec.name!r} is in neither {module.__name__}.TASKS nor NOT_YET: add it to one")
+    if not _installed(spec.domain):
+        missing = [m for m in domain.requires if importlib.util.find_spec(m) is None]
+        raise ImportError(f"task {spec.name!r} needs {domain.simulator}, but {', '.join(missing)} is not "
+                          f"installed here: pip install 'mmbench2-lab[{domain.extra}]'")
     if domain.mujoco:
         _configure_mujoco_gl()
     return module
+
+
+def _unsupported(name: str, needs: str) -> UnsupportedTaskError:
+    return UnsupportedTaskError(f"task {name!r} needs {needs}, which mmbench2-lab does not run yet. "
+                                "`mmbench2-lab tasks --runnable` lists the tasks that run here.")
 
 
 def _domain_module(module: str):

@@ -33,9 +33,12 @@ class ReferenceFrame(gymnasium.Wrapper):
     """Turns the simulator's native ``render()`` into the reference 224x224 frame via ``transform``.
 
     The default transform bilinearly resizes (the reference's "native render, downsized if larger").
-    gymnasium's MuJoCo renderer makes its OpenGL context current only when it creates it; we make it
-    current before every frame, so that other renderers in the process cannot leave it drawing into
-    another (or a freed) context, which yields blank frames.
+
+    It also keeps gymnasium's MuJoCo renderer from blanking other envs' frames in the same process (or
+    its own): that renderer makes its OpenGL context current only when creating it, so we make it current
+    before every frame; and on close it destroys the context but leaves its MuJoCo render context to be
+    freed whenever Python collects it, which then deletes GL objects (frame buffers) in whatever context is
+    current, another env's. We free that render context inside its own GL context on close or collection.
     """
 
     def __init__(self, env: gymnasium.Env, transform: Callable[[np.ndarray], np.ndarray] | None = None):
@@ -43,10 +46,31 @@ class ReferenceFrame(gymnasium.Wrapper):
         self._transform = transform or (lambda frame: resize_frame(frame, REFERENCE_SIZE))
 
     def render(self) -> np.ndarray:
-        viewer = getattr(getattr(self.env.unwrapped, "mujoco_renderer", None), "viewer", None)
+        viewer = self._mujoco_viewer()
         if viewer is not None:
             viewer.make_context_current()
         return self._transform(self.env.render())
+
+    def close(self):
+        self._free_mujoco_render_context()
+        super().close()
+
+    def __del__(self):
+        self._free_mujoco_render_context()
+
+    def _mujoco_viewer(self):
+        """gymnasium's offscreen MuJoCo viewer, once the simulator has rendered; else None."""
+        return getattr(getattr(self.env.unwrapped, "mujoco_renderer", None), "viewer", None)
+
+    def _free_mujoco_render_context(self):
+        viewer = self._mujoco_viewer()
+        if viewer is None or not getattr(getattr(viewer, "con", None), "offFBO", 0):
+            return  # never rendered, or already freed
+        try:
+            viewer.make_context_current()
+        except Exception:  # its GL context or display is gone (e.g. at exit): nothing to free safely
+            return
+        viewer.con.free()
 
 
 class OwnGlobalRNG(gymnasium.Wrapper):
