@@ -294,3 +294,13 @@ def test_a_closed_env_collected_later_does_not_blank_a_live_one():
     del old
     gc.collect()
     assert_frame(live.step(np.zeros(16, np.float32))[0])
+
+
+@pytest.mark.skipif("atari" not in runnable_domains(), reason="ale-py not installed")
+def test_every_atari_game_loads_and_steps():
+    for t in tasks(domain="atari"):
+        env = make_env(t.name, render=False, seed=0)
+        env.reset()
+        _, reward, _, _, info = env.step(env.action_space.sample())
+        assert np.isfinite(reward) and info["state"].shape == (128,)
+        env.close()
