@@ -26,6 +26,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mmbench2_lab.hallucination import PAPER_THRESHOLDS
+
 GAIN_COLUMN = "rollout_psnr_gain_db"
 REQUIRED_COLUMNS = ("task", "seq_idx", GAIN_COLUMN)
 # The paper's per-sequence CSV, in its column order; write_calibration_csv writes exactly these.
@@ -34,11 +36,6 @@ CALIBRATION_COLUMNS = ("task", "seq_idx", "action_shuffle_ratio", "u_r_norm", "u
 HALLUCINATION_THRESHOLD_DB = 0.0  # ΔPSNR below this is a hallucination (scene divergence)
 N_BINS = 10  # the paper's median curves: 10 equal-count bins of the predictor
 
-# Per-frame hallucination thresholds on the normalised predictors (paper §4, run-time detection scrubber).
-U_R_THRESHOLD = 2.0
-U_F_THRESHOLD = 0.5
-U_S_THRESHOLD = 0.66
-PAPER_THRESHOLDS = {"u_r": U_R_THRESHOLD, "u_f": U_F_THRESHOLD, "u_s": U_S_THRESHOLD}
 
 COMBINERS = ("rank_mean", "logistic")
 LOG_FLOOR = 1e-6  # the logistic combiner works on log u; u is a non-negative norm, clip it above 0 first

@@ -12,6 +12,9 @@ All latents are packed: (..., n_spatial, d_spatial); RMS is over those two axes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from mmbench2_lab.model.layers import pack_latents, patchify, unpack_latents
@@ -37,8 +40,12 @@ def round_trip(tokenizer: Tokenizer, z: torch.Tensor) -> torch.Tensor:
     if z.dim() != 3 or pf * c.d_bottleneck != z.shape[-1] or pf * z.shape[-2] != c.n_latents:
         raise ValueError(f"expected packed latents (B, n_spatial, d_spatial) for a tokenizer with {c.n_latents} "
                          f"latents of width {c.d_bottleneck}, got {tuple(z.shape)}")
-    frames = tokenizer.decode(unpack_latents(z[:, None], pf)).clamp(0, 1)
-    return pack_latents(tokenizer.encoder(patchify(frames, c.patch))[0], pf)[:, 0]
+    return reencode(tokenizer, tokenizer.decode(unpack_latents(z[:, None], pf))[:, 0].clamp(0, 1), pf)
+
+
+def reencode(tokenizer: Tokenizer, frames: torch.Tensor, packing_factor: int) -> torch.Tensor:
+    """Encode frames (B, C, H, W) in [0, 1] one by one (T = 1) to packed latents (B, S, D)."""
+    return pack_latents(tokenizer.encoder(patchify(frames[:, None], tokenizer.cfg.patch))[0], packing_factor)[:, 0]
 
 
 @torch.no_grad()
@@ -80,3 +87,85 @@ def seed_variance(preds: torch.Tensor) -> torch.Tensor:
 def normalise(u: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     """u^norm = u / max(m, 1e-3): predictors per unit of predicted motion."""
     return u / motion.clamp(min=MOTION_EPS)
+
+
+# -- all three at once, from one batched sampling pass -------------------------------------------------
+PREDICTORS = ("u_r", "u_f", "u_s")
+
+
+@dataclass
+class StepPrediction:
+    """The next frame of B rollouts with the three predictors (and, if asked, their pixel maps).
+
+    Seeds are sampled as one batch of B * N rows; the displayed sample is seed 0. u_f is the mean over
+    seeds of each seed's flow instability; u_s the variance across seeds; u_r the round-trip residual of
+    the displayed sample (re-using its decoded frame, as the reference demo does); motion m is
+    RMS(mean over seeds - z_prev) and every ``*_norm`` is u / max(m, 1e-3) (the paper's site defines the
+    normalisation for all three; the released code has it for u_r only).
+    """
+    z: torch.Tensor  # (B, S, D) displayed sample (seed 0)
+    seeds: torch.Tensor  # (B, N, S, D) every seed's sample
+    frame: torch.Tensor  # (B, C, H, W) decoded displayed sample in [0, 1]
+    values: dict  # name -> (B,) for u_r, u_f, u_s, motion, u_r_norm, u_f_norm, u_s_norm
+    maps: dict  # name -> (B, H, W) pixel maps (empty unless requested)
+    h: Optional[torch.Tensor]  # (B, 1, n_agent, D) agent states of seed 0, or None
+
+
+@torch.no_grad()
+def predict_next(world_model, context: torch.Tensor, actions: Optional[torch.Tensor],
+                 act_mask: Optional[torch.Tensor] = None, *, n_seeds: int = 2, steps: Optional[int] = None,
+                 tau_ctx: Optional[float] = None, tau_init: Optional[float] = None,
+                 z_prev: Optional[torch.Tensor] = None, lang_emb: Optional[torch.Tensor] = None,
+                 kv_cache: Optional[bool] = None, generator: Optional[torch.Generator] = None,
+                 maps: bool = False) -> StepPrediction:
+    """Sample the next frame for each of B contexts with ``n_seeds`` seeds and score it.
+
+    context: (B, t, S, D) packed latents; actions: (B, t+1, A) led-to; act_mask: (A,) or (B, t+1, A);
+    z_prev: the warm-start anchor and motion reference (default: the last context latent).
+    ``maps=True`` adds pixel maps (B, H, W): ``u_r`` |frame - Dec(round trip)|, ``u_s`` the variance of
+    the decoded seeds, ``u_f`` |Dec(x1_hat last step) - Dec(x1_hat previous step)| (ours; the reference
+    has scalars only). All decodes of a step run as one batch.
+    """
+    from mmbench2_lab.sampler import expand_seeds, sample_next
+
+    sc = world_model.config.sampler
+    B, t = context.shape[:2]
+    N = max(1, int(n_seeds))
+    z_prev = context[:, -1] if z_prev is None else z_prev
+    mask = act_mask if act_mask is None or act_mask.dim() == 1 else expand_seeds(act_mask, N)
+    s = sample_next(world_model.dynamics, expand_seeds(context, N), expand_seeds(actions, N), mask,
+                    steps=sc.steps if steps is None else steps, tau_ctx=sc.tau_ctx if tau_ctx is None else tau_ctx,
+                    tau_init=sc.tau_init if tau_init is None else tau_init, z_prev=expand_seeds(z_prev, N),
+                    lang_emb=expand_seeds(lang_emb, N), kv_cache=sc.kv_cache if kv_cache is None else kv_cache,
+                    generator=generator)
+    seeds = s.z.reshape(B, N, *s.z.shape[1:])
+    z = seeds[:, 0]
+    # One decode for everything that needs pixels: displayed sample, other seeds and the late x1_hat.
+    to_decode = [z]
+    if maps:
+        to_decode += [seeds[:, n] for n in range(1, N)]
+        if s.x1_traj.shape[0] >= 2:
+            to_decode += [s.x1_traj[-1].reshape(B, N, *z.shape[1:])[:, 0], s.x1_traj[-2].reshape(B, N, *z.shape[1:])[:, 0]]
+    frames = world_model.decode(torch.cat(to_decode)[:, None])[:, 0]  # (k*B, C, H, W)
+    frame = frames[:B]
+    # u_r: re-encode the displayed frame (T = 1) and compare in packed latent space.
+    recon = reencode(world_model.tokenizer, frame, world_model.packing_factor)
+    u_r = _rms(z - recon)
+    x1 = s.x1_traj.reshape(s.x1_traj.shape[0], B, N, *z.shape[1:])
+    u_f = flow_instability(x1.flatten(1, 2)).reshape(B, N).mean(1)
+    u_s = seed_variance(seeds) if N >= 2 else torch.zeros(B, device=z.device)
+    m = motion(seeds.mean(1), z_prev)
+    values = {"u_r": u_r, "u_f": u_f, "u_s": u_s, "motion": m}
+    values.update({f"{k}_norm": normalise(values[k], m) for k in PREDICTORS})
+    out_maps = {}
+    if maps:
+        out_maps["u_r"] = (frame - world_model.decode(recon[:, None])[:, 0]).abs().mean(1)
+        seed_frames = torch.stack([frame] + [frames[B * n:B * (n + 1)] for n in range(1, N)], dim=1)
+        out_maps["u_s"] = seed_frames.var(dim=1).mean(1) if N >= 2 else torch.zeros_like(frame[:, 0])
+        if s.x1_traj.shape[0] >= 2:
+            late, prev = frames[B * N:B * (N + 1)], frames[B * (N + 1):B * (N + 2)]
+            out_maps["u_f"] = (late - prev).abs().mean(1)
+        else:
+            out_maps["u_f"] = torch.zeros_like(frame[:, 0])
+    h = None if s.h is None else s.h.reshape(B, N, *s.h.shape[1:])[:, 0]
+    return StepPrediction(z=z, seeds=seeds, frame=frame, values=values, maps=out_maps, h=h)
