@@ -335,10 +335,10 @@ def _small() -> Config:
 def _tiny() -> Config:
     return Config(
         # Frame-wise (no time layers): latents are cached once for dynamics training on a CPU.
-        tokenizer=TokenizerConfig(height=64, width=64, patch=8, d_model=128, n_heads=4, depth=3,
-                                  time_every=4, n_latents=16, d_bottleneck=16, dropout=0.0),
-        dynamics=DynamicsConfig(d_model=192, n_heads=4, depth=4, time_every=2, k_max=16),
-        tokenizer_train=TrainConfig(seq_len=4, batch_size=16, steps=3000, lr=1e-3, warmup_steps=100,
+        tokenizer=TokenizerConfig(height=64, width=64, patch=8, d_model=96, n_heads=4, depth=2,
+                                  time_every=3, n_latents=16, d_bottleneck=16, dropout=0.0),
+        dynamics=DynamicsConfig(d_model=128, n_heads=4, depth=4, time_every=2, k_max=16),
+        tokenizer_train=TrainConfig(seq_len=2, batch_size=16, steps=3000, lr=1e-3, warmup_steps=100,
                                     eval_every=500, ckpt_every=500, log_every=25, eval_windows=32),
         dynamics_train=TrainConfig(seq_len=24, batch_size=16, steps=3000, lr=5e-4, warmup_steps=100,
                                    bootstrap_start=1000, eval_every=500, ckpt_every=500, log_every=25,

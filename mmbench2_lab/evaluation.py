@@ -121,3 +121,80 @@ def action_attribution(world_model, obs: torch.Tensor, act: torch.Tensor, act_ma
         key = "action_shuffle_ratio" if name == "shuffle" else f"action_{name}_ratio"
         out[key] = out[f"mse_{name}"].mean() / real.clamp_min(1e-12)
     return out
+
+
+def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
+    """Per-frame predictors of a multi-seed rollout: each (B, horizon).
+
+    As the reference scores a prediction (``URNormScorer``): u_r on the mean over seeds, motion
+    m = RMS(mean_t - mean_{t-1}) (the last context latent before the first frame), u_s the variance across
+    seeds (which grows as independent rollouts diverge), u_f the mean over seeds of each step's flow
+    instability; ``*_norm`` = u / max(m, 1e-3).
+    """
+    from mmbench2_lab.predictors import PREDICTORS, flow_instability, motion, normalise, round_trip_residual
+
+    B, N, H = ro.latents.shape[:3]
+    mean = ro.latents.mean(1)  # (B, H, S, D)
+    prev = torch.cat([ro.context[:, -1:], mean[:, :-1]], dim=1)
+    m = motion(mean, prev)
+    u_s = ro.latents.var(1).mean((-2, -1)) if N >= 2 else torch.zeros(B, H, device=mean.device)
+    x1 = ro.x1_traj.permute(3, 0, 1, 2, 4, 5).flatten(1, 3)  # (n_exec, B*N*H, S, D)
+    u_f = flow_instability(x1).reshape(B, N, H).mean(1)
+    u_r = round_trip_residual(world_model.tokenizer, mean.flatten(0, 1)).reshape(B, H)
+    out = {"u_r": u_r, "u_f": u_f, "u_s": u_s, "motion": m}
+    out.update({f"{k}_norm": normalise(out[k], m) for k in PREDICTORS})
+    return out
+
+
+@torch.no_grad()
+def calibration_table(world_model, windows, *, n_sequences: int | None = None, ctx: int = 8, horizon: int = 16,
+                      n_seeds: int = 2, batch_size: int = 16, attribution_positions: int | None = 8,
+                      seed: int = 0, progress: bool = True, return_traces: bool = False):
+    """Per-sequence calibration rows, in the columns of the paper's ``calibration_perseq_base.csv``.
+
+    windows: a ``DynamicsWindows`` of seq_len >= ctx + horizon - 1 (typically held-out episodes).
+    For each sequence: open-loop rollout dPSNR over the floor (seed-averaged MSE), the mean over the horizon
+    of each normalised predictor, and the action-shuffle ratio (one-step MSE with actions permuted across
+    the batch / real). ``n_sequences`` picks that many evenly spaced windows (default: all). With
+    ``return_traces`` also returns the per-frame (B, horizon) predictor values of every sequence.
+    """
+    n_total = len(windows)
+    idx = (list(range(n_total)) if n_sequences is None or n_sequences >= n_total else
+           torch.linspace(0, n_total - 1, n_sequences).round().long().unique().tolist())
+    device = next(world_model.parameters()).device
+    rows, traces, per_task = [], [], {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(idx), desc="calibration", unit="seq")
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        if len(chunk) < 2:  # the shuffle needs a partner: borrow the previous window
+            chunk = idx[max(0, start - 1):start + 1]
+            keep = chunk[-1:]
+        else:
+            keep = chunk
+        items = [windows[i] for i in chunk]
+        obs, act, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("obs", "act", "act_mask"))
+        g = torch.Generator(device=device).manual_seed(seed + start)
+        ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g)
+        pred = rollout_predictors(world_model, ro)
+        attr = action_attribution(world_model, obs[:, :ctx + horizon], act[:, :ctx + horizon - 1],
+                                  mask[:, :ctx + horizon - 1], positions=attribution_positions, seed=seed)
+        ratio = attr["mse_shuffle"] / attr["mse_real"].clamp_min(1e-12)
+        for j, i in enumerate(chunk):
+            if i not in keep:
+                continue
+            task, _ = windows.locate(i)
+            rows.append({"task": task, "seq_idx": per_task.setdefault(task, 0),
+                         "action_shuffle_ratio": float(ratio[j]),
+                         **{k: float(pred[k][j].mean()) for k in ("u_r_norm", "u_f_norm", "u_s_norm")},
+                         "rollout_psnr_gain_db": float(ro.gain_db[j])})
+            per_task[task] += 1
+            if return_traces:
+                traces.append({"task": task, **{k: v[j].tolist() for k, v in pred.items()}})
+        if bar is not None:
+            bar.update(len(keep))
+    if bar is not None:
+        bar.close()
+    return (rows, traces) if return_traces else rows
