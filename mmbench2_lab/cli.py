@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "tasks": ("mmbench2_lab.tasks_cli", "list the 210 MMBench2 tasks and which run on this machine"),
     "config": ("mmbench2_lab.config_cli", "print or write a preset configuration (JSON or YAML)"),
+    "calibrate": ("mmbench2_lab.calibrate_cli", "write a model's per-sequence calibration CSV on held-out data"),
     "calibration-report": ("mmbench2_lab.calibration_cli", "predictor Spearman rho and AUROC vs rollout dPSNR"),
     "collect": ("mmbench2_lab.collect_cli", "run a policy in live simulators and save episodes (raw layout)"),
     "preprocess": ("mmbench2_lab.data.preprocess_cli", "convert a raw partition into .chunks / .pt frame shards"),

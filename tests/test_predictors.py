@@ -1,0 +1,94 @@
+"""The three predictors computed together, the hallucination state, and a model's calibration table."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmbench2_lab.config import preset
+from mmbench2_lab.hallucination import PAPER_THRESHOLDS, HallucinationMonitor, robust_z
+from mmbench2_lab.model.world_model import WorldModel
+from mmbench2_lab.predictors import flow_instability, motion, predict_next, round_trip_residual, seed_variance
+
+MICRO = {"tokenizer.height": 16, "tokenizer.width": 16, "tokenizer.patch": 4, "tokenizer.d_model": 32,
+         "tokenizer.n_heads": 2, "tokenizer.depth": 1, "tokenizer.n_latents": 4, "tokenizer.d_bottleneck": 8,
+         "dynamics.d_model": 32, "dynamics.n_heads": 2, "dynamics.depth": 2, "dynamics.k_max": 8}
+
+
+@pytest.fixture(scope="module")
+def wm():
+    torch.manual_seed(0)
+    return WorldModel(preset("tiny", MICRO)).eval()
+
+
+def test_predict_next_agrees_with_each_predictor_computed_alone(wm, threads_1):
+    B, t, N = 2, 3, 3
+    ctx = torch.randn(B, t, 2, 16).clamp(-1, 1)
+    actions = torch.rand(B, t + 1, 16) * 2 - 1
+    g = torch.Generator().manual_seed(5)
+    p = predict_next(wm, ctx, actions, torch.ones(16), n_seeds=N, steps=4, tau_ctx=0.1, generator=g, maps=True)
+    assert p.seeds.shape == (B, N, 2, 16) and torch.equal(p.z, p.seeds[:, 0])
+    v = p.values
+    torch.testing.assert_close(v["u_s"], seed_variance(p.seeds))
+    torch.testing.assert_close(v["motion"], motion(p.seeds.mean(1), ctx[:, -1]))
+    torch.testing.assert_close(v["u_r"], round_trip_residual(wm.tokenizer, p.z), atol=1e-6, rtol=1e-5)
+    for k in ("u_r", "u_f", "u_s"):
+        torch.testing.assert_close(v[f"{k}_norm"], v[k] / v["motion"].clamp(min=1e-3))
+    torch.testing.assert_close(p.frame, wm.decode(p.z[:, None])[:, 0])
+    assert set(p.maps) == {"u_r", "u_f", "u_s"}
+    assert all(m.shape == (B, 16, 16) and (m >= 0).all() for m in p.maps.values())
+    # the u_s map is the pixel variance of the decoded seeds
+    frames = wm.decode(p.seeds.flatten(0, 1)[:, None])[:, 0].reshape(B, N, 3, 16, 16)
+    torch.testing.assert_close(p.maps["u_s"], frames.var(1).mean(1), atol=1e-6, rtol=1e-4)
+
+
+def test_u_f_of_the_same_euler_steps_as_the_sampler(wm, threads_1):
+    from mmbench2_lab.sampler import sample_next
+    ctx, actions = torch.randn(1, 2, 2, 16), torch.zeros(1, 3, 16)
+    p = predict_next(wm, ctx, actions, n_seeds=1, steps=4, generator=torch.Generator().manual_seed(1))
+    s = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=wm.config.sampler.tau_ctx,
+                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p.values["u_f"], flow_instability(s.x1_traj))
+    assert float(p.values["u_s"]) == 0.0  # one seed has no spread
+
+
+def test_threshold_states_follow_the_paper_thresholds():
+    mon = HallucinationMonitor()
+    calm = {f"{k}_norm": 0.1 * t for k, t in PAPER_THRESHOLDS.items()}
+    assert mon.update(calm)[0] == "stable"
+    state, per = mon.update({**calm, "u_f_norm": 0.5})
+    assert state == "hallucinating" and per["u_f"] == "hallucinating" and per["u_r"] == "stable"
+    assert mon.update({**calm, "u_s_norm": 0.66 * 0.7})[0] == "drifting"
+
+
+def test_zscore_states_calibrate_per_episode_then_score():
+    mon = HallucinationMonitor(mode="zscore", calibration_steps=5)
+    base = [1.0, 1.1, 0.9, 1.05, 0.95]
+    for x in base:
+        assert mon.update({"u_r_norm": x})[0] == "calibrating"
+    # median 1.0, MAD 0.05 -> scale max(1.4826 * 0.05, 0.05) = 0.07413
+    assert robust_z(1.2, base) == pytest.approx(0.2 / (1.4826 * 0.05))
+    assert mon.update({"u_r_norm": 1.05})[0] == "stable"
+    assert mon.update({"u_r_norm": 1.1})[0] == "drifting"
+    assert mon.update({"u_r_norm": 1.3})[0] == "hallucinating"
+    mon.reset()
+    assert mon.update({"u_r_norm": 9.0})[0] == "calibrating"
+    with pytest.raises(ValueError, match="mode"):
+        HallucinationMonitor(mode="vibes")
+
+
+def test_calibration_table_has_the_paper_columns_on_real_windows(wm, sim_data, threads_1):
+    from mmbench2_lab.calibration import CALIBRATION_COLUMNS
+    from mmbench2_lab.data.windows import DynamicsWindows
+    from mmbench2_lab.evaluation import calibration_table
+    windows = DynamicsWindows([sim_data], 4 + 4 - 1)
+    rows, traces = calibration_table(wm, windows, n_sequences=5, ctx=4, horizon=4, batch_size=4,
+                                     progress=False, return_traces=True)
+    assert len(rows) == 5 and all(tuple(r) == CALIBRATION_COLUMNS for r in rows)
+    assert all(math.isfinite(r[c]) for r in rows for c in CALIBRATION_COLUMNS[2:])
+    assert all(len(tr["u_r_norm"]) == 4 for tr in traces)
+    seqs = {}
+    for r in rows:
+        seqs.setdefault(r["task"], []).append(r["seq_idx"])
+    assert all(v == list(range(len(v))) for v in seqs.values())
