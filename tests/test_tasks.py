@@ -49,3 +49,13 @@ def test_query_by_domain_and_split():
     assert {t.name for t in seen_dmc} == {"cup-catch", "finger-turn-easy"}
     with pytest.raises(ValueError, match="unknown domain"):
         tasks(domain="dmcontrl")
+
+
+def test_tasks_command_prints_csv_for_scripts(capsys):
+    from mmbench2_lab.cli import main
+    assert main(["tasks", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "task,domain,split,runnable" and len(lines) == 211
+    rows = dict((line.split(",")[0], line.split(",")[3]) for line in lines[1:])
+    assert set(rows.values()) <= {"true", "false"}
+    assert rows["cheetah-run"] == "true" and rows["ms-push-cube"] == "false"
