@@ -8,11 +8,11 @@
   ``action_sequences`` + ``action_sweep`` -> ``action_sweep_figure``.
 - Scene divergence (u_s): over an open-loop rollout the predictors climb past the paper's thresholds
   while the per-frame ΔPSNR over the repeat-last-frame floor falls below 0 dB.
-  ``rollout_trace`` -> ``calibration.per_frame_trace_figure`` + ``gain_figure`` + ``frame_grid_figure``;
+  ``rollout_trace`` -> ``calibration.per_frame_trace_figure`` + ``gain_figure`` + ``plots.frame_grid``;
   one step's pixel maps: ``step_maps`` -> ``maps_figure``.
 
 Windows are ``DynamicsWindows`` items: {"obs": (T+1, C, H, W) uint8, "act": (T, 16), "act_mask": (T, 16)}.
-Figures are ``plotly.graph_objects.Figure``.
+Figures are ``plotly.graph_objects.Figure``; frame grids come from ``mmbench2_lab.plots``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 
 from mmbench2_lab.evaluation import psnr, rollout_gain, rollout_predictors, to_unit, window_actions
 from mmbench2_lab.hallucination import PAPER_THRESHOLDS
+from mmbench2_lab.plots import frame_grid, grid_image
 from mmbench2_lab.predictors import PREDICTORS, StepPrediction, predict_next, round_trip_residual
 from mmbench2_lab.sampler import rollout
 from mmbench2_lab.tasks import ACTION_DIM, get_task
@@ -75,15 +76,16 @@ def real_round_trip(world_model, frames: torch.Tensor) -> RoundTrip:
 
 
 def round_trip_figure(rt: RoundTrip, labels: Optional[list[str]] = None):
-    """One row per frame: the real frame, its round trip and |difference|, titled with u_r and PSNR."""
+    """One column per frame: the real frame over its round trip and |difference| (scaled to its maximum),
+    labelled with u_r and the round trip's PSNR."""
     labels = labels or [f"frame {i}" for i in range(len(rt.frames))]
     if len(labels) != len(rt.frames):
         raise ValueError(f"{len(labels)} labels for {len(rt.frames)} frames")
     diff = (rt.frames - rt.recon).abs()
-    rows = {f"{label}: u_r={float(u):.3f}, PSNR {float(p):.1f} dB": torch.stack([f, r, d / d.max().clamp_min(1e-8)])
-            for label, u, p, f, r, d in zip(labels, rt.u_r, rt.psnr, rt.frames, rt.recon, diff)}
-    return frame_grid_figure(rows, ["real frame", "tokenizer round trip", "|difference| (scaled)"],
-                             title="Perceptual failure: frames the tokenizer cannot represent (u_r)")
+    diff = diff / diff.flatten(1).max(-1).values.clamp_min(1e-8)[:, None, None, None]
+    columns = [f"{label}<br>u_r {float(u):.3f}, {float(p):.1f} dB" for label, u, p in zip(labels, rt.u_r, rt.psnr)]
+    return frame_grid({"real frame": rt.frames, "round trip": rt.recon, "|difference|": diff},
+                      column_labels=columns, title="Perceptual failure: frames the tokenizer cannot represent (u_r)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,10 +150,10 @@ def action_sweep(world_model, window: Mapping[str, torch.Tensor], sequences: Map
 
 def action_sweep_figure(sweep: ActionSweep):
     """Rows: the true future, then one rollout per action sequence; columns: rollout steps."""
-    rows = {"truth (recorded actions)": sweep.truth, **sweep.frames}
-    steps = [f"t+{j + 1}: spread {float(s):.1e}" for j, s in enumerate(sweep.spread)]
-    return frame_grid_figure(rows, steps, title="Action marginalisation: one context, different actions, "
-                                                "same noise (spread = pixel variance across rows)")
+    rows = {"truth": sweep.truth, **sweep.frames}
+    steps = [f"t+{j + 1}<br>spread {float(s):.1e}" for j, s in enumerate(sweep.spread)]
+    return frame_grid(rows, column_labels=steps, title="Action marginalisation: one context, different actions, "
+                                                       "same noise (spread: pixel variance across the rollouts)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,52 +236,17 @@ def maps_figure(step: StepPrediction, truth: Optional[torch.Tensor] = None, inde
         raise ValueError("the prediction has no pixel maps; call predict_next(..., maps=True) or step_maps")
     images = [("predicted frame", step.frame[index])] + ([("true frame", to_unit(truth))] if truth is not None else [])
     titles = [name for name, _ in images] + [
-        f"{k} map: {k}_norm={float(step.values[f'{k}_norm'][index]):.2f} (threshold {thresholds[k]:g})"
+        f"{k} map<br>{k}_norm {float(step.values[f'{k}_norm'][index]):.2f} (threshold {thresholds[k]:g})"
         for k in PREDICTORS]
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.03)
-    for col, (_, img) in enumerate(images, start=1):
-        fig.add_trace(go.Image(z=_to_rgb(img)), row=1, col=col)
+    for col, (name, img) in enumerate(images, start=1):
+        fig.add_trace(go.Image(z=grid_image({name: img[None]})), row=1, col=col)
     for col, k in enumerate(PREDICTORS, start=len(images) + 1):
         fig.add_trace(go.Heatmap(z=step.maps[k][index].cpu().numpy(), colorscale="Magma", showscale=False),
                       row=1, col=col)
     fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    for col in range(1, len(titles) + 1):  # square pixels, image orientation (row 0 at the top)
+        fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
     fig.update_layout(title="Where the model is unsure: pixel maps of one predicted step", height=330,
                       width=260 * len(titles))
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Frame grids
-
-
-def _to_rgb(frame: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W, 3) uint8 (grey frames are repeated to RGB)."""
-    x = (frame.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    if x.shape[0] == 1:
-        x = x.expand(3, *x.shape[1:])
-    return x.permute(1, 2, 0).numpy()
-
-
-def frame_grid_figure(rows: Mapping[str, torch.Tensor], column_titles: Optional[list[str]] = None,
-                      title: str = ""):
-    """A grid of frames: one row per entry of ``rows`` (name -> (T, C, H, W) in [0, 1]), T columns."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    lengths = {name: tuple(v.shape) for name, v in rows.items()}
-    if not rows or any(len(s) != 4 for s in lengths.values()) or len({s[0] for s in lengths.values()}) != 1:
-        raise ValueError(f"rows must map names to (T, C, H, W) frames of one length T, got {lengths}")
-    n_cols = next(iter(lengths.values()))[0]
-    column_titles = list(column_titles or [""] * n_cols)
-    titles = [f"{name}<br>{c}" if j == 0 else c for name in rows for j, c in enumerate(column_titles)]
-    fig = make_subplots(rows=len(rows), cols=n_cols, subplot_titles=titles, horizontal_spacing=0.01,
-                        vertical_spacing=0.08)
-    for r, frames in enumerate(rows.values(), start=1):
-        for c, frame in enumerate(frames, start=1):
-            fig.add_trace(go.Image(z=_to_rgb(frame)), row=r, col=c)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_annotations(font_size=11)
-    fig.update_layout(title=title, height=170 * len(rows) + 90, width=max(500, 150 * n_cols), margin=dict(t=90))
     return fig
