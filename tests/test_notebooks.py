@@ -102,3 +102,18 @@ def test_data_collection_notebook_collects_preprocesses_and_weighs_tasks(tmp_pat
     starts = dict(re.findall(r"'([\w-]+)': (\d+)", out.split("valid window starts per task:")[1]))
     assert set(starts) == set(TASKS) and int(starts["lunarlander-hover"]) > int(starts["atari-pong"])
     assert figures(nb) == 6  # actions, policy frames, task frames, sizes, frames per task, weighting masses
+
+
+@pytest.mark.slow
+def test_dynamics_notebook_trains_its_own_tokenizer_when_notebook_01_has_not_run(lab, tmp_path):
+    root, _ = lab
+    nb = execute(OURS[1], tmp_path, **DATA, DATA_DIR=str(root / "data"), TOKENIZER=str(tmp_path / "missing"),
+                 TOKENIZER_MINUTES=1, TOKENIZER_OVERRIDES={"tokenizer_train.steps": 3},
+                 RUN_DIR=str(tmp_path / "dynamics"), STEPS=2, MINUTES=1, CTX=4, HORIZON=4,
+                 OVERRIDES={"dynamics_train.seq_len": 8, "dynamics_train.batch_size": 4,
+                            "dynamics_train.eval_every": 0, "dynamics_train.eval_windows": 2,
+                            "dynamics_train.log_every": 1, "dynamics.d_model": 64, "dynamics.depth": 2})
+    fallback = tmp_path / "dynamics" / "tokenizer_run" / "tokenizer"
+    assert f"frozen tokenizer: {fallback}" in text_output(nb)
+    assert (fallback / "tokenizer.safetensors").is_file()
+    assert "validation dPSNR" in text_output(nb)
