@@ -187,6 +187,11 @@ def frame_grid(rows: Mapping[str, object], *, column_labels: Sequence[str] | Non
     return fig
 
 
+def _squeeze_time(x):
+    """(N, 1, C, H, W) windows of one frame -> (N, C, H, W); anything else unchanged."""
+    return x[:, 0] if getattr(x, "ndim", 0) == 5 else x
+
+
 def reconstruction_grid(frames, recon, *, title: str | None = None) -> "go.Figure":
     """Held-out frames over their reconstructions, each column labelled with its PSNR in dB.
 
@@ -201,10 +206,6 @@ def reconstruction_grid(frames, recon, *, title: str | None = None) -> "go.Figur
     db = psnr(torch.from_numpy(((a - b) ** 2).reshape(len(a), -1).mean(1)))
     return frame_grid({"held-out frame": a, "reconstruction": b}, column_labels=[f"{v:.1f} dB" for v in db.tolist()],
                       title=title or f"tokenizer round trip: mean PSNR {float(db.mean()):.1f} dB")
-
-
-def _squeeze_time(x):
-    return x[:, 0] if getattr(x, "ndim", 0) == 5 else x
 
 
 def rollout_grid(ro: "RolloutEval", obs, ctx: int, *, index: int = 0, seed: int = 0,
