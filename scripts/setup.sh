@@ -27,7 +27,7 @@ fi
 pip install -e ".[$EXTRAS]"
 # The app's browser test drives headless Chromium (Debian's package); install it where apt can.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q chromium >/dev/null || echo "could not install chromium: the app's browser test will skip"
+  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || echo "could not install chromium: the app's browser test will skip"
 fi
 echo "$want" > "$stamp"
 echo "mmbench2-lab is set up in $VENV"
