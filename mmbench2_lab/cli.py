@@ -22,6 +22,7 @@ COMMANDS = {
     "train-tokenizer": ("mmbench2_lab.training.train_cli", "train the video tokenizer (masked auto-encoding)"),
     "train-dynamics": ("mmbench2_lab.training.train_cli", "train the dynamics on a frozen tokenizer"),
     "download": ("mmbench2_lab.data.download_cli", "fetch MMBench2 partitions or tasks from the Hugging Face Hub"),
+    "app": ("mmbench2_lab.app_cli", "serve the Gradio app that steers a world model live in the browser"),
 }
 
 

@@ -19,6 +19,7 @@ thread that made them.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import os
@@ -175,6 +176,15 @@ def _sim_close(handle: int) -> None:
 
 
 # -- the session ------------------------------------------------------------------------------
+def _exclusive(method):
+    """Run a session method under the session's own lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._busy:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 @dataclass
 class StepResult:
     """What one step shows: the predicted frame, the real one (side-by-side), predictors and state."""
@@ -262,6 +272,7 @@ class RolloutSession:
         self._device = next(world_model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self._lock = model_lock(world_model)
+        self._busy = threading.RLock()  # one call at a time per session (a UI may fire events concurrently)
         self._handle: Optional[int] = None  # the simulator (see _sim_open), when started from a task
         self._closer: Optional[weakref.finalize] = None  # closes it, once, also if close() is never called
         self._spec: Optional[TaskSpec] = None
@@ -308,6 +319,7 @@ class RolloutSession:
         return 0 if self.last is None else self.last.step
 
     # -- control --------------------------------------------------------------------------------
+    @_exclusive
     def step(self, action=None, *, keys: Optional[Iterable[str]] = None) -> StepResult:
         """Predict the next frame under ``action`` (16 values, or the task's action_dim) or the held
         ``keys``; neither means no input (the smoothed action decays towards 0). Paused: no step, the
@@ -351,28 +363,37 @@ class RolloutSession:
                             reanchored=reanchored)
         return self._show(result)
 
+    @_exclusive
     def pause(self) -> None:
+        """Hold the rollout: steps return the current frame (flagged paused) until resume()."""
         self.paused = True
+        self.last = replace(self.last, paused=True)
 
+    @_exclusive
     def resume(self) -> None:
         self.paused = False
+        self.last = replace(self.last, paused=False)
 
     def toggle_pause(self) -> bool:
-        self.paused = not self.paused
+        """Pause or resume; True when now paused."""
+        self.resume() if self.paused else self.pause()
         return self.paused
 
+    @_exclusive
     def reset(self) -> StepResult:
         """A new episode of the same task (a fresh simulator reset, or the given frames again)."""
         if self._handle is None:
             return self._begin(self._start_frames)
         return self._begin(on_simulator_thread(_sim_reset, self._handle)[None])
 
+    @_exclusive
     def switch_task(self, task: str) -> StepResult:
         """Start a new episode of another task; unknown or non-runnable names raise and change nothing."""
         spec, first = self._open(task)  # closes the old simulator only once the new one runs
         self._spec, self._start_frames = spec, None
         return self._begin(first[None])
 
+    @_exclusive
     def set_mode(self, *, side_by_side: Optional[bool] = None, guarded: Optional[bool] = None) -> StepResult:
         """Turn side-by-side / guarded mode on or off. Turning the real simulator on starts a new episode,
         so that it and the model begin from the same frame."""
@@ -389,6 +410,7 @@ class RolloutSession:
         """Write this episode's displayed frames (model | real side by side) as a video (see save_video)."""
         return save_video(self.frames, path, fps)
 
+    @_exclusive
     def close(self) -> None:
         """Close the simulator (idempotent)."""
         closer, self._closer, self._handle = self._closer, None, None
