@@ -80,7 +80,6 @@ CSS = """
 def status_html(session: RolloutSession, r: StepResult) -> str:
     """The state badge (``data-state`` for scripts) and the step's numbers."""
     colour = "#%02x%02x%02x" % STATE_COLOURS[r.state]
-    values = " · ".join(f"{k}_norm {r.values[f'{k}_norm']:.2f}" for k in PREDICTORS if f"{k}_norm" in r.values)
     extra = [f"step {r.step}", f"task {session.task}"]
     if r.reward is not None:
         extra.append(f"reward {r.reward:+.3f}")
@@ -90,14 +89,12 @@ def status_html(session: RolloutSession, r: StepResult) -> str:
         extra.append("paused")
     return (f'<div id="state-badge" data-state="{r.state}" data-step="{r.step}" style="background:{colour}">'
             f'{html.escape(r.state)} | {html.escape(" · ".join(extra))}'
-            f'{"<br>" + html.escape(values) if values else ""}</div>')
+            f'{"<br>" + html.escape(r.summary()) if r.values else ""}</div>')
 
 
 def traces_figure(session: RolloutSession):
     """The last TRACE_STEPS steps' normalised predictors against the paper's thresholds."""
-    rows = [rec for rec in session.records if "u_r_norm" in rec][-TRACE_STEPS:]
-    traces = {k: [rec[f"{k}_norm"] for rec in rows] for k in PREDICTORS}
-    fig = per_frame_trace_figure(traces, PAPER_THRESHOLDS, fps=10.0)
+    fig = per_frame_trace_figure(session.traces(TRACE_STEPS), PAPER_THRESHOLDS, fps=10.0)
     fig.update_layout(height=420, margin=dict(l=40, r=10, t=50, b=30))
     return fig
 

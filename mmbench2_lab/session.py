@@ -201,6 +201,10 @@ class StepResult:
     reanchored: bool = False  # guarded mode replaced this frame's latent by the real frame's
     paused: bool = False
 
+    def summary(self) -> str:
+        """The normalised predictors in one line, e.g. "u_r_norm 1.02 · u_f_norm 0.31 · u_s_norm 0.08"."""
+        return " · ".join(f"{k} {self.values[k]:.2f}" for k in ("u_r_norm", "u_f_norm", "u_s_norm") if k in self.values)
+
     def record(self, task: str, episode: int) -> dict:
         """This step as a JSON-ready dict (no pixels)."""
         return {"task": task, "episode": episode, "step": self.step, "state": self.state,
@@ -317,6 +321,12 @@ class RolloutSession:
     @property
     def step_count(self) -> int:
         return 0 if self.last is None else self.last.step
+
+    def traces(self, last: Optional[int] = None) -> dict[str, list[float]]:
+        """This episode's normalised predictors per step, {"u_r": [...], "u_f": [...], "u_s": [...]} (the
+        ``last`` steps only), ready for ``calibration.per_frame_trace_figure``."""
+        rows = self.records[-last:] if last else self.records
+        return {k: [r[f"{k}_norm"] for r in rows] for k in ("u_r", "u_f", "u_s")}
 
     # -- control --------------------------------------------------------------------------------
     @_exclusive
