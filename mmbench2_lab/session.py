@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mmbench2_lab.hallucination import HallucinationMonitor
+from mmbench2_lab.predictors import PREDICTORS, predict_next
 from mmbench2_lab.tasks import ACTION_DIM, TaskSpec, get_task
 
 # Key pairs (positive, negative) per action dimension, as the reference demo binds them.
@@ -203,7 +204,7 @@ class StepResult:
 
     def summary(self) -> str:
         """The normalised predictors in one line, e.g. "u_r_norm 1.02 · u_f_norm 0.31 · u_s_norm 0.08"."""
-        return " · ".join(f"{k} {self.values[k]:.2f}" for k in ("u_r_norm", "u_f_norm", "u_s_norm") if k in self.values)
+        return " · ".join(f"{k}_norm {self.values[f'{k}_norm']:.2f}" for k in PREDICTORS if f"{k}_norm" in self.values)
 
     def record(self, task: str, episode: int) -> dict:
         """This step as a JSON-ready dict (no pixels)."""
@@ -272,7 +273,7 @@ class RolloutSession:
         self.reanchors = 0  # guarded re-anchors since the session began
         self.episode = 0
         self.records: list[dict] = []  # per-step records of the current episode
-        self.frames: list[np.ndarray] = []  # displayed frames of the current episode, while recording
+        self.recorded_frames: list[np.ndarray] = []  # this episode's displayed frames, while recording
         self._device = next(world_model.parameters()).device
         self._generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self._lock = model_lock(world_model)
@@ -326,7 +327,7 @@ class RolloutSession:
         """This episode's normalised predictors per step, {"u_r": [...], "u_f": [...], "u_s": [...]} (the
         ``last`` steps only), ready for ``calibration.per_frame_trace_figure``."""
         rows = self.records[-last:] if last else self.records
-        return {k: [r[f"{k}_norm"] for r in rows] for k in ("u_r", "u_f", "u_s")}
+        return {k: [r[f"{k}_norm"] for r in rows] for k in PREDICTORS}
 
     # -- control --------------------------------------------------------------------------------
     @_exclusive
@@ -349,7 +350,6 @@ class RolloutSession:
         ep = self._ep
         actions = torch.as_tensor(np.stack(ep.actions + [a]), device=self._device)[None]  # (1, t+1, 16) led-to
         with self._lock, torch.no_grad():
-            from mmbench2_lab.predictors import predict_next
             p = predict_next(self.model, self.context[None], actions,
                              torch.as_tensor(self.action_mask, device=self._device), maps=self.maps,
                              generator=self._generator, **self.sampling)
@@ -359,8 +359,9 @@ class RolloutSession:
         values = {k: float(v[0]) for k, v in p.values.items()}
         state, states = self.monitor.update(values)
         z, reanchored = p.z[0], False
-        if self.guarded and state == "hallucinating":
-            z = self._encode(real_frame[None])[-1]
+        if self.guarded and state == "hallucinating":  # continue from the real frame instead
+            with self._lock, torch.no_grad():
+                z = self._encode(real_frame[None])[-1]
             reanchored = True
             self.reanchors += 1
         ep.latents.append(z)
@@ -418,7 +419,7 @@ class RolloutSession:
 
     def save_recording(self, path: str | os.PathLike, fps: float = 10.0) -> Path:
         """Write this episode's displayed frames (model | real side by side) as a video (see save_video)."""
-        return save_video(self.frames, path, fps)
+        return save_video(self.recorded_frames, path, fps)
 
     @_exclusive
     def close(self) -> None:
@@ -461,7 +462,7 @@ class RolloutSession:
         self.monitor.reset()
         self.paused = False
         self.episode += 1
-        self.records, self.frames = [], []
+        self.records, self.recorded_frames = [], []
         state = "calibrating" if self.monitor.mode == "zscore" else "stable"
         return self._show(StepResult(step=0, frame=_to_uint8(shown), real_frame=real,
                                      action=self._a_smooth.copy(), values={}, maps={}, state=state, states={}),
@@ -475,7 +476,7 @@ class RolloutSession:
             picture = overlay(result.frame, state=result.state)
             if result.real_frame is not None:
                 picture = np.concatenate([picture, result.real_frame], axis=1)
-            self.frames.append(picture)
+            self.recorded_frames.append(picture)
         return result
 
     def _encode(self, frames: np.ndarray) -> torch.Tensor:

@@ -194,3 +194,19 @@ def test_bad_input_is_shown_and_the_app_keeps_answering(app):
     assert proc.poll() is None
     c.close()
     assert urllib.request.urlopen(url, timeout=10).status == 200
+
+
+# -- the command -------------------------------------------------------------------------------------
+def test_app_command_binds_loopback_by_default():
+    from mmbench2_lab.cli import build_parser
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.checkpoint, args.variant) == ("127.0.0.1", 7860, None, None)
+    assert build_parser().parse_args(["app", "--variant", "combined", "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+def test_app_command_without_a_bundled_model_suggests_checkpoint(tmp_path, monkeypatch, capsys):
+    import mmbench2_lab.checkpoints as checkpoints
+    from mmbench2_lab.cli import main
+    monkeypatch.setattr(checkpoints, "BUNDLED_DIR", tmp_path / "no-bundled-model")
+    assert main(["app"]) == 2
+    assert "--checkpoint DIR" in capsys.readouterr().err
