@@ -5,7 +5,7 @@
   ``real_round_trip`` -> ``round_trip_figure``.
 - Action marginalisation (u_f): one context rolled out under several action sequences with the same noise.
   A model that ignores its actions draws (nearly) the same future for all of them.
-  ``action_sequences`` + ``action_sweep`` -> ``action_sweep_figure``.
+  ``action_sequences`` (+ ``recorded_actions``) + ``action_sweep`` -> ``action_sweep_figure``.
 - Scene divergence (u_s): over an open-loop rollout the predictors climb past the paper's thresholds
   while the per-frame ΔPSNR over the repeat-last-frame floor falls below 0 dB.
   ``rollout_trace`` -> ``calibration.per_frame_trace_figure`` + ``gain_figure`` + ``plots.frame_grid``;
@@ -108,6 +108,12 @@ def action_sequences(task: str, horizon: int, recorded: Optional[torch.Tensor] =
     out["random"] = torch.zeros(horizon, ACTION_DIM)
     out["random"][:, :dims] = torch.rand(horizon, dims, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return out
+
+
+def recorded_actions(window: Mapping[str, torch.Tensor], ctx: int, horizon: int) -> torch.Tensor:
+    """The (horizon, 16) actions that led to frames ctx..ctx+horizon-1 of ``window`` (led-to convention)."""
+    _check_window(window, ctx + horizon)
+    return window_actions(window["act"][None], window["act_mask"][None], ctx + horizon)[0][0, ctx:]
 
 
 @dataclass

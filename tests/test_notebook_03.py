@@ -12,9 +12,8 @@ import torch
 
 from mmbench2_lab.config import preset
 from mmbench2_lab.data.windows import DynamicsWindows
-from mmbench2_lab.evaluation import window_actions
 from mmbench2_lab.figures import (action_sequences, action_sweep, action_sweep_figure, maps_figure, real_round_trip,
-                                  round_trip_figure, rollout_trace, step_maps, task_window)
+                                  recorded_actions, round_trip_figure, rollout_trace, step_maps, task_window)
 from mmbench2_lab.model.world_model import WorldModel
 from mmbench2_lab.predictors import round_trip_residual
 
@@ -81,7 +80,8 @@ def test_the_committed_notebook_has_no_outputs_and_a_parameters_cell():
 
 def test_action_sweep_shows_whether_the_model_listens_to_actions(windows, threads_1):
     window = windows[task_window(windows, "cheetah-run")]
-    recorded = window_actions(window["act"][None], window["act_mask"][None], CTX + HORIZON)[0][0, CTX:]
+    recorded = recorded_actions(window, CTX, HORIZON)
+    torch.testing.assert_close(recorded[:, :6], window["act"][CTX - 1:CTX - 1 + HORIZON, :6].clamp(-1, 1))
     sequences = action_sequences("cheetah-run", HORIZON, recorded=recorded)
     assert list(sequences) == ["recorded", "zero", "all +1", "all -1", "random"]
     assert (sequences["all +1"][:, :6] == 1).all() and (sequences["all +1"][:, 6:] == 0).all()  # cheetah: 6 dims
