@@ -118,6 +118,8 @@ def task_choices(domain: str) -> tuple[list[str], list[str]]:
 
 def unavailable_text(domain: str) -> str:
     runnable, missing = task_choices(domain)
+    if not runnable:
+        return f"No {domain} task runs here (simulator not installed or not supported): " + ", ".join(missing)
     if not missing:
         return f"All {len(runnable)} {domain} tasks run here."
     return f"Unavailable here ({len(missing)}, simulator not installed or not supported): " + ", ".join(missing)
@@ -133,7 +135,6 @@ def build_app(world_model, *, task: str = DEFAULT_TASK, seed: int = 0, fps: floa
     start_domain = get_task(task).domain
     if not is_runnable(task):
         raise ValueError(f"task {task!r} cannot run here; `mmbench2-lab tasks --runnable` lists those that can")
-    runnable_domains = [d for d in domains() if task_choices(d)[0]]
 
     def new_session() -> RolloutSession:
         return RolloutSession(world_model, task, seed=seed)
@@ -211,7 +212,7 @@ def build_app(world_model, *, task: str = DEFAULT_TASK, seed: int = 0, fps: floa
                     reset_btn = gr.Button("Reset (R)", elem_id="reset-btn")
                     step_btn = gr.Button("Step once", elem_id="step-btn")
             with gr.Column(scale=2):
-                domain = gr.Dropdown(runnable_domains, value=start_domain, label="domain", elem_id="domain")
+                domain = gr.Dropdown(domains(), value=start_domain, label="domain", elem_id="domain")
                 task_box = gr.Dropdown(task_choices(start_domain)[0], value=task, label="task",
                                        elem_id="task-dropdown", allow_custom_value=True)
                 unavailable = gr.Markdown(unavailable_text(start_domain), elem_id="unavailable")
