@@ -92,9 +92,9 @@ def status_html(session: RolloutSession, r: StepResult) -> str:
             f'{"<br>" + html.escape(r.summary()) if r.values else ""}</div>')
 
 
-def traces_figure(session: RolloutSession):
+def traces_figure(session: RolloutSession, fps: float):
     """The last TRACE_STEPS steps' normalised predictors against the paper's thresholds."""
-    fig = per_frame_trace_figure(session.traces(TRACE_STEPS), PAPER_THRESHOLDS, fps=10.0)
+    fig = per_frame_trace_figure(session.traces(TRACE_STEPS), PAPER_THRESHOLDS, fps=fps)
     fig.update_layout(height=420, margin=dict(l=40, r=10, t=50, b=30))
     return fig
 
@@ -142,14 +142,15 @@ def build_app(world_model, *, task: str = DEFAULT_TASK, seed: int = 0, fps: floa
     def view(session: RolloutSession, r: StepResult, map_name: str, *, plot: bool = True, error: str = ""):
         """Values for OUTPUTS: session, model frame, real frame, status, plot, error."""
         return (session, frame_image(r, map_name), gr.update(value=real_image(r), visible=session.side_by_side),
-                status_html(session, r), traces_figure(session) if plot else gr.skip(), error)
+                status_html(session, r), traces_figure(session, fps) if plot else gr.skip(), error)
 
     def shielded(handler):
         """Show any error in the page instead of failing the event; start a session if there is none."""
         @functools.wraps(handler)
         def run(session, *args):
             try:
-                return handler(new_session() if session is None else session, *args)
+                session = new_session() if session is None else session
+                return handler(session, *args)
             except Exception as err:  # the app must outlive any bad input
                 return (session, gr.skip(), gr.skip(), gr.skip(), gr.skip(),
                         f"**{type(err).__name__}:** {err}")
@@ -179,7 +180,7 @@ def build_app(world_model, *, task: str = DEFAULT_TASK, seed: int = 0, fps: floa
 
     @shielded
     def switch_task(session, task_name, map_name):
-        return view(session, session.switch_task(task_name.strip()), map_name)
+        return view(session, session.switch_task((task_name or "").strip()), map_name)
 
     @shielded
     def set_mode(session, side_by_side, guarded_mode, map_name):
