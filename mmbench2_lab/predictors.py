@@ -97,7 +97,7 @@ PREDICTORS = ("u_r", "u_f", "u_s")
 class StepPrediction:
     """The next frame of B rollouts with the three predictors (and, if asked, their pixel maps).
 
-    Seeds are sampled as one batch of B * N rows; the displayed sample is seed 0. u_f is the mean over
+    Seeds are sampled as one batch of B * N rows sharing one context pass; the displayed sample is seed 0. u_f is the mean over
     seeds of each seed's flow instability; u_s the variance across seeds; u_r the round-trip residual of
     the displayed sample (re-using its decoded frame, as the reference demo does); motion m is
     RMS(mean over seeds - z_prev) and every ``*_norm`` is u / max(m, 1e-3) (the paper's site defines the
@@ -126,18 +126,16 @@ def predict_next(world_model, context: torch.Tensor, actions: Optional[torch.Ten
     the decoded seeds, ``u_f`` |Dec(x1_hat last step) - Dec(x1_hat previous step)| (ours; the reference
     has scalars only). All decodes of a step run as one batch.
     """
-    from mmbench2_lab.sampler import expand_seeds, sample_next
+    from mmbench2_lab.sampler import sample_next
 
     sc = world_model.config.sampler
     B, t = context.shape[:2]
     N = max(1, int(n_seeds))
     z_prev = context[:, -1] if z_prev is None else z_prev
-    mask = act_mask if act_mask is None or act_mask.dim() == 1 else expand_seeds(act_mask, N)
-    s = sample_next(world_model.dynamics, expand_seeds(context, N), expand_seeds(actions, N), mask,
+    s = sample_next(world_model.dynamics, context, actions, act_mask,
                     steps=sc.steps if steps is None else steps, tau_ctx=sc.tau_ctx if tau_ctx is None else tau_ctx,
-                    tau_init=sc.tau_init if tau_init is None else tau_init, z_prev=expand_seeds(z_prev, N),
-                    lang_emb=expand_seeds(lang_emb, N), kv_cache=sc.kv_cache if kv_cache is None else kv_cache,
-                    generator=generator)
+                    tau_init=sc.tau_init if tau_init is None else tau_init, z_prev=z_prev, lang_emb=lang_emb,
+                    kv_cache=sc.kv_cache if kv_cache is None else kv_cache, generator=generator, n_seeds=N)
     seeds = s.z.reshape(B, N, *s.z.shape[1:])
     z = seeds[:, 0]
     # One decode for everything that needs pixels: displayed sample, other seeds and the late x1_hat.

@@ -58,8 +58,14 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
                 act_mask: Optional[torch.Tensor] = None, *, steps: int = 4, tau_ctx: float = 0.1,
                 tau_init: float = 0.0, z_prev: Optional[torch.Tensor] = None,
                 lang_emb: Optional[torch.Tensor] = None, kv_cache: bool = True,
-                noise: Optional[tuple] = None, generator: Optional[torch.Generator] = None) -> Sample:
+                noise: Optional[tuple] = None, generator: Optional[torch.Generator] = None,
+                n_seeds: int = 1) -> Sample:
     """Sample the frame after ``context`` for every batch row.
+
+    ``n_seeds`` > 1 samples that many seeds per row (output rows b * n_seeds + n) that share one context
+    corruption and, with the KV cache, one context prefill: the seeds differ only in the new frame's
+    noise. (The reference expands the context first, drawing its corruption per seed; pass expanded
+    tensors with n_seeds = 1 for that.) All other tensors are given per row (B, ...).
 
     context: (B, t, n_spatial, d_spatial) packed latents (t may be 0); actions: (B, t+1, A) led-to, so
     actions[:, t] produces the new frame, or None; act_mask: (B, t+1, A) or (A,); steps: K Euler steps
@@ -74,10 +80,11 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
     if actions is not None and tuple(actions.shape[:2]) != (B, t + 1):
         raise ValueError(f"actions must be (B, t+1, A) = ({B}, {t + 1}, A) for a context of {t} frames, "
                          f"got {tuple(actions.shape)}")
+    N = max(1, int(n_seeds))
     sched = shortcut_schedule(steps, cfg.k_max)
     e, dt, emax = sched["e"], sched["dt"], cfg.emax
     corrupt = tau_ctx > 0.0 and t > 0
-    shape = (B, 1, cfg.n_spatial, cfg.d_spatial)
+    shape = (B * N, 1, cfg.n_spatial, cfg.d_spatial)
 
     if noise is None:
         z = torch.randn(shape, generator=generator, device=context.device, dtype=context.dtype)
@@ -88,23 +95,32 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
         if corrupt and (eps_ctx is None or eps_ctx.shape != context.shape):
             raise ValueError(f"noise[1] must be the context noise {tuple(context.shape)} when tau_ctx > 0")
     if z_prev is not None and tau_init > 0.0:
-        z = (1.0 - tau_init) * z + tau_init * z_prev.reshape(shape)
+        z = (1.0 - tau_init) * z + tau_init * expand_seeds(z_prev, N).reshape(shape)
     past, ctx_sig = context, cfg.k_max
     if corrupt:
         past = (1.0 - tau_ctx) * context + tau_ctx * eps_ctx.to(context)
         ctx_sig = context_signal_index(tau_ctx, cfg.k_max)
+    ctx_actions, ctx_mask, ctx_lang = actions, act_mask, lang_emb  # per context row, for the prefill
+    if N > 1:
+        actions, lang_emb = expand_seeds(actions, N), expand_seeds(lang_emb, N)
+        act_mask = act_mask if act_mask is None or act_mask.dim() == 1 else expand_seeds(act_mask, N)
 
     def frames(x, sl):  # slice per-frame (B, T, A) tensors; None and (A,) masks pass as they are
         return x if x is None or x.dim() == 1 else x[:, sl]
 
-    def idx(n, value):  # (B, n) step or signal indices
-        return torch.full((B, n), value, dtype=torch.long, device=context.device)
+    def idx(n, value, rows=B * N):  # (rows, n) step or signal indices
+        return torch.full((rows, n), value, dtype=torch.long, device=context.device)
 
     cache = None
     if kv_cache and t > 0:
-        _, _, cache = dynamics(frames(actions, slice(0, t)), idx(t, emax), idx(t, ctx_sig), past,
-                               act_mask=frames(act_mask, slice(0, t)), lang_emb=lang_emb, return_kv_cache=True)
+        _, _, cache = dynamics(frames(ctx_actions, slice(0, t)), idx(t, emax, B), idx(t, ctx_sig, B), past,
+                               act_mask=frames(ctx_mask, slice(0, t)), lang_emb=ctx_lang, return_kv_cache=True)
+        if N > 1:  # cache rows are b * S + token; seeds of row b share its context keys and values
+            cache = [None if c is None else tuple(
+                x.reshape(B, -1, *x.shape[1:]).repeat_interleave(N, dim=0).flatten(0, 1) for x in c)
+                for c in cache]
         new_actions, new_mask = frames(actions, slice(t, t + 1)), frames(act_mask, slice(t, t + 1))
+    past = expand_seeds(past, N) if N > 1 else past
     step_idx = torch.cat([idx(t, emax), idx(1, e)], dim=1)
 
     x1s, zs, executed, h = [], [], [], None

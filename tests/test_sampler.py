@@ -144,3 +144,22 @@ def test_round_trip_residual_is_small_for_a_tokenizer_fixed_point(wm):
         z = predictors.round_trip(wm.tokenizer, z)
     far = torch.randn_like(z)
     assert (predictors.round_trip_residual(wm.tokenizer, z) < predictors.round_trip_residual(wm.tokenizer, far)).all()
+
+
+def test_seeds_sharing_one_context_pass_match_expanded_rows(wm):
+    """n_seeds > 1 prefills the context once; it must equal sampling expanded rows with the same noise."""
+    cfg = wm.dynamics.cfg
+    B, t, N = 2, 3, 3
+    ctx = torch.randn(B, t, cfg.n_spatial, cfg.d_spatial)
+    actions = torch.rand(B, t + 1, 16) * 2 - 1
+    noise_z = torch.randn(B * N, 1, cfg.n_spatial, cfg.d_spatial)
+    noise_ctx = torch.randn(B, t, cfg.n_spatial, cfg.d_spatial)
+    shared = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, noise=(noise_z, noise_ctx), n_seeds=N)
+    uncached = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, noise=(noise_z, noise_ctx), n_seeds=N,
+                           kv_cache=False)
+    expanded = sample_next(wm.dynamics, expand_seeds(ctx, N), expand_seeds(actions, N), steps=4, tau_ctx=0.1,
+                           noise=(noise_z, expand_seeds(noise_ctx, N)), kv_cache=False)
+    assert shared.z.shape == (B * N, cfg.n_spatial, cfg.d_spatial)
+    torch.testing.assert_close(shared.z, uncached.z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.z, expanded.z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.x1_traj, expanded.x1_traj, atol=1e-5, rtol=1e-5)
