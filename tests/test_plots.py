@@ -1,7 +1,9 @@
 """Notebook figures: what each plot draws is exactly the data it was given (metrics, frames, rollouts)."""
 from __future__ import annotations
 
+import base64
 import math
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -13,6 +15,15 @@ from mmbench2_lab.data.raw import read_raw
 from mmbench2_lab.data.shards import preprocess
 from mmbench2_lab.data.windows import DynamicsWindows, open_frames
 from mmbench2_lab.training.engine import MetricsLog
+
+def image_of(fig) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels of a frame grid figure's PNG source."""
+    from PIL import Image
+    (trace,) = fig.data
+    head, data = trace.source.split(",", 1)
+    assert head == "data:image/png;base64"
+    return np.asarray(Image.open(BytesIO(base64.b64decode(data))).convert("RGB"))
+
 
 MICRO = {"tokenizer.height": 16, "tokenizer.width": 16, "tokenizer.patch": 4, "tokenizer.d_model": 32,
          "tokenizer.n_heads": 2, "tokenizer.depth": 1, "tokenizer.n_latents": 4, "tokenizer.d_bottleneck": 8,
@@ -76,7 +87,7 @@ def test_frame_grid_places_each_frame_in_its_row_and_column():
     chw = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=gen)  # (T, C, H, W) uint8
     hwc = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)  # (T, H, W, C) float, shorter row
     fig = plots.frame_grid({"a": chw, "b": hwc}, column_labels=["t0", "t1", "t2"])
-    img = np.asarray(fig.data[0].z)
+    img = image_of(fig)
     assert img.shape == (2 * 8 + 1, 3 * 8 + 2, 3)
     for c in range(3):
         assert np.array_equal(img[0:8, c * 9:c * 9 + 8], chw[c].permute(1, 2, 0).numpy())
@@ -115,7 +126,7 @@ def test_rollout_grid_rows_are_truth_prediction_and_the_repeated_last_context_fr
     ro = rollout_gain(model, batch["obs"], batch["act"], batch["act_mask"], ctx=ctx, horizon=horizon,
                       generator=torch.Generator().manual_seed(0))
     fig = plots.rollout_grid(ro, batch["obs"], ctx, index=1)
-    img = np.asarray(fig.data[0].z)
+    img = image_of(fig)
     cell = lambda r, c: img[r * 17:r * 17 + 16, c * 17:c * 17 + 16]  # noqa: E731
     for c in range(horizon):
         assert np.array_equal(cell(0, c), batch["obs"][1, ctx + c].permute(1, 2, 0).numpy())
