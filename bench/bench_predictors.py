@@ -6,10 +6,11 @@ Per model (each preset with random weights, plus the bundled model when it is in
   (a) plain:    sample_next with 1 seed + decode of the new frame (what a rollout without predictors does)
   (b) scalars:  predict_next with 2 seeds: u_r, u_f, u_s (+ motion and the normalised values)
   (c) maps:     predict_next with 2 seeds and the three pixel maps
-and the ratios (b)/(a) (target <= 1.5) and (c)/(a). The three are timed round-robin in the same run, so load
-on the machine hits them alike; each figure is the median over ``--repeats`` calls after a warm-up.
-``--breakdown`` also times the parts of (b) (sampling 2 seeds, the context prefill per row, the decode, the
-re-encode for u_r) and estimates (b) if the seeds shared one context prefill.
+and the ratios (b)/(a) (target <= 1.5) and (c)/(a). All calls (with the parts of ``--breakdown``) are timed
+round-robin in one run, so load on the machine hits them alike; each figure is the median of ``--repeats``
+calls after a warm-up.
+``--breakdown`` also times the parts of (b): 2 seeds sharing one context prefill (predict_next) and with a
+prefill per seed (the reference), the prefill alone, the decode, the re-encode for u_r.
 """
 from __future__ import annotations
 
@@ -54,31 +55,28 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def breakdown(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of the parts of (b) (2 seeds, scalars), next to one-seed sampling.
-
-    The context prefill (the KV cache) runs once per batch row; predict_next stacks the seeds as rows, each
-    with its own context corruption noise, so the prefill runs once per seed.
-    """
+def breakdown(wm: WorldModel, context: torch.Tensor, actions: torch.Tensor) -> dict:
+    """Calls that time the parts of (b): sampling 2 seeds that share one context prefill (as predict_next
+    does), the same with the context expanded per seed (the reference's way: a prefill and a context
+    corruption per seed), the prefill alone, the decode and the re-encode for u_r."""
     sc, dc, N = wm.config.sampler, wm.config.dynamics, 2
     g = torch.Generator().manual_seed(0)
     kw = dict(steps=sc.steps, tau_ctx=sc.tau_ctx, tau_init=sc.tau_init, kv_cache=sc.kv_cache, generator=g)
     z = sample_next(wm.dynamics, context, actions, **kw).z
     frame = wm.decode(z[:, None])[:, 0]
-
-    def prefill(n):
-        B, t = n * context.shape[0], context.shape[1]
-        return lambda: wm.dynamics(expand_seeds(actions[:, :t], n), torch.full((B, t), dc.emax),
-                                   torch.full((B, t), dc.k_max), expand_seeds(context, n), return_kv_cache=True)
-    return median_times({
+    t = context.shape[1]
+    return {
         "sample, 1 seed": lambda: sample_next(wm.dynamics, context, actions, z_prev=context[:, -1], **kw),
-        "sample, 2 seeds": lambda: sample_next(wm.dynamics, expand_seeds(context, N), expand_seeds(actions, N),
-                                               z_prev=expand_seeds(context[:, -1], N), **kw),
-        "context prefill, 1 row": prefill(1),
-        "context prefill, 2 rows": prefill(N),
+        "sample, 2 seeds, 1 prefill": lambda: sample_next(wm.dynamics, context, actions, z_prev=context[:, -1],
+                                                          n_seeds=N, **kw),
+        "sample, 2 seeds, 2 prefills": lambda: sample_next(wm.dynamics, expand_seeds(context, N),
+                                                           expand_seeds(actions, N),
+                                                           z_prev=expand_seeds(context[:, -1], N), **kw),
+        "context prefill": lambda: wm.dynamics(actions[:, :t], torch.full((1, t), dc.emax), torch.full((1, t), dc.k_max),
+                                               context, return_kv_cache=True),
         "decode 1 frame": lambda: wm.decode(z[:, None]),
         "re-encode 1 frame (u_r)": lambda: reencode(wm.tokenizer, frame, wm.packing_factor),
-    }, repeats)
+    }
 
 
 def main(argv=None) -> None:
@@ -113,20 +111,19 @@ def main(argv=None) -> None:
             for ctx in args.ctx:
                 context, actions = step_inputs(wm, ctx)
                 g = torch.Generator().manual_seed(0)
-                t = median_times({
+                calls = {
                     "a": lambda: plain_step(wm, context, actions, g),
                     "b": lambda: predict_next(wm, context, actions, n_seeds=2, generator=g),
                     "c": lambda: predict_next(wm, context, actions, n_seeds=2, generator=g, maps=True),
-                }, args.repeats)
+                }
+                if args.breakdown:
+                    calls.update(breakdown(wm, context, actions))
+                t = median_times(calls, args.repeats)
                 print(f"{name:8} {ctx:>4} {wm.config.sampler.steps:>2} {t['a'] * 1e3:>10.2f} {t['b'] * 1e3:>12.2f} "
                       f"{t['c'] * 1e3:>9.2f} {t['b'] / t['a']:>8.2f} {t['c'] / t['a']:>8.2f}")
                 if args.breakdown:
-                    parts = breakdown(wm, context, actions, args.repeats)
-                    for part, s in parts.items():
-                        print(f"{'':14}{part:26} {s * 1e3:8.2f} ms")
-                    shared = t["b"] - parts["context prefill, 2 rows"] + parts["context prefill, 1 row"]
-                    print(f"{'':14}(b) with one prefill shared by the seeds, estimated: {shared * 1e3:.2f} ms, "
-                          f"(b)/(a) {shared / t['a']:.2f}")
+                    for part in list(calls)[3:]:
+                        print(f"{'':14}{part:28} {t[part] * 1e3:8.2f} ms")
 
 
 if __name__ == "__main__":
