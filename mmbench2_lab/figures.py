@@ -24,7 +24,7 @@ import torch
 
 from mmbench2_lab.evaluation import psnr, rollout_gain, rollout_predictors, to_unit, window_actions
 from mmbench2_lab.hallucination import PAPER_THRESHOLDS
-from mmbench2_lab.plots import frame_grid, grid_image
+from mmbench2_lab.plots import frame_grid, grid_image, png_data_uri
 from mmbench2_lab.predictors import PREDICTORS, StepPrediction, predict_next, round_trip_residual
 from mmbench2_lab.sampler import rollout
 from mmbench2_lab.tasks import ACTION_DIM, get_task
@@ -246,7 +246,7 @@ def maps_figure(step: StepPrediction, truth: Optional[torch.Tensor] = None, inde
         for k in PREDICTORS]
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles, horizontal_spacing=0.03)
     for col, (name, img) in enumerate(images, start=1):
-        fig.add_trace(go.Image(z=grid_image({name: img[None]})), row=1, col=col)
+        fig.add_trace(go.Image(source=png_data_uri(grid_image({name: img[None]}))), row=1, col=col)
     for col, k in enumerate(PREDICTORS, start=len(images) + 1):
         fig.add_trace(go.Heatmap(z=step.maps[k][index].cpu().numpy(), colorscale="Magma", showscale=False),
                       row=1, col=col)
