@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything mmbench2-lab needs, from nothing but Python 3.10+, into ./.venv.
 # Idempotent: re-running after a change to pyproject.toml re-installs; otherwise it returns at once.
-#   bash scripts/setup.sh            # library, simulators, notebooks, app, test tools
-#   EXTRAS=sims bash scripts/setup.sh   # a lighter set
+#   bash scripts/setup.sh               # library, simulators, notebooks, app, JupyterLab, TensorBoard
+#   EXTRAS=test bash scripts/setup.sh   # what the test suite needs (no JupyterLab, TensorBoard)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-all,test}
+EXTRAS=${EXTRAS:-all}
 VENV=.venv
 
 if [ ! -x "$VENV/bin/python" ]; then
