@@ -11,7 +11,7 @@ TRAIN_TASKS="cheetah-run walker-walk reacher-easy pendulum-swingup cartpole-swin
   mujoco-halfcheetah mujoco-inverted-pendulum lunarlander-land bipedal-walker-flat atari-pong atari-boxing
   og-point-maze mw-reach mw-push"
 HELD_OUT_TASKS="walker-run lunarlander-hover"
-MINUTES=${MINUTES:-10}
+MINUTES=${MINUTES:-14}
 
 $LAB collect --tasks $TRAIN_TASKS --episodes 6 --policy random --size 64 --max-steps 200 --workers 2 \
   --seed 0 --out "$WORK/data/train" --resume
@@ -21,13 +21,16 @@ $LAB collect --tasks $HELD_OUT_TASKS --episodes 4 --policy random --size 64 --ma
   --seed 1000 --out "$WORK/data/held_out" --resume
 
 $LAB train-tokenizer --preset tiny --data "$WORK/data/train" --val "$WORK/data/val" --out "$WORK/tokenizer" \
-  --max-minutes "$MINUTES" --no-progress
+  --max-minutes "$MINUTES" --steps 20000 --no-progress --set tokenizer_train.eval_every=1000000 \
+  tokenizer_train.batch_size=32 tokenizer_train.seq_len=1 tokenizer_train.lr=0.002 tokenizer_train.mae_p_max=0.5
 $LAB train-dynamics --preset tiny --data "$WORK/data/train" --val "$WORK/data/val" \
-  --tokenizer "$WORK/tokenizer/tokenizer" --out "$WORK/dynamics" --max-minutes "$MINUTES" --no-progress
+  --tokenizer "$WORK/tokenizer/tokenizer" --out "$WORK/dynamics" --max-minutes "$MINUTES" --steps 20000 --no-progress \
+  --set dynamics_train.eval_every=1000000 dynamics_train.seq_len=16 dynamics_train.batch_size=8 \
+  dynamics_train.lr=0.001 dynamics_train.bootstrap_start=1000 sampler.ctx_window=16
 
 # Figures for the model card: calibration on held-out episodes of trained tasks and on the held-out tasks.
 $LAB calibrate --model "$WORK/dynamics/world_model" --data "$WORK/data/val" --out "$WORK/calibration_val.csv" \
-  --sequences 300
+  --sequences 300 --seeds 2
 $LAB calibrate --model "$WORK/dynamics/world_model" --data "$WORK/data/held_out" \
   --out "$WORK/calibration_held_out.csv" --sequences 60
 echo "trained model: $WORK/dynamics/world_model (copy it to mmbench2_lab/assets/bundled/ to ship it)"
