@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from mmbench2_lab.model.dynamics import Dynamics
 from mmbench2_lab.model.heads import PolicyHead, RewardHead, bc_loss, reward_loss

@@ -1,4 +1,4 @@
-"""A world model to drive interactive sessions with: the tiny preset at random initialisation.
+"""A world model for tests and interactive sessions: the tiny preset at random initialisation.
 
 A freshly built dynamics zero-initialises its flow head, so it predicts the same x1_hat = 0 whatever the
 context, actions or noise; its head is given small random weights here so that each step's frame depends

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _session_fixtures import tiny_world_model
 from mmbench2_lab.config import preset
 from mmbench2_lab.flow_matching import EmaRms, dynamics_pretrain_loss, led_to_actions
 from mmbench2_lab.model import (Dynamics, Tokenizer, WorldModel, bc_loss, pack_latents, reward_loss, symexp, symlog,
@@ -68,14 +69,8 @@ def test_paper_preset_has_the_official_keys_shapes_and_sizes():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = preset("tiny", {"dynamics.n_agent": 1, "dynamics.lang_dim": 8, "dynamics.reward_head": True,
-                          "dynamics.bc_head": True, "dynamics.reward_L": 3, "dynamics.bc_L": 2})
-    wm = WorldModel(cfg).eval()
-    with torch.no_grad():  # random but non-trivial: the x-prediction head starts at zero
-        wm.dynamics.flow_x_head.weight.normal_(0, 0.05)
-        wm.dynamics.flow_x_head.bias.normal_(0, 0.05)
-    return wm
+    return tiny_world_model(**{"dynamics.n_agent": 1, "dynamics.lang_dim": 8, "dynamics.reward_head": True,
+                               "dynamics.bc_head": True, "dynamics.reward_L": 3, "dynamics.bc_L": 2})
 
 
 def _dyn_inputs(wm, B=2, T=4, seed=1):

@@ -5,19 +5,13 @@ import pytest
 import torch
 
 from mmbench2_lab import predictors
-from mmbench2_lab.config import preset
-from mmbench2_lab.model import WorldModel
+from _session_fixtures import tiny_world_model
 from mmbench2_lab.sampler import context_signal_index, expand_seeds, rollout, sample_next, shortcut_schedule
 
 
 @pytest.fixture(scope="module")
 def wm():
-    torch.manual_seed(0)
-    model = WorldModel(preset("tiny", {"sampler.ctx_window": 3})).eval()
-    with torch.no_grad():  # random but non-trivial: the x-prediction head starts at zero
-        model.dynamics.flow_x_head.weight.normal_(0, 0.05)
-        model.dynamics.flow_x_head.bias.normal_(0, 0.05)
-    return model
+    return tiny_world_model(**{"sampler.ctx_window": 3})
 
 
 def _inputs(wm, B=2, t=3, seed=0):
