@@ -169,6 +169,7 @@ class SamplerConfig:
     ctx_window: int = _opt(24, "context frames kept at inference")
     kv_cache: bool = _opt(True, "prefill the context once and decode the new frame against the cache")
     n_seeds: int = _opt(2, "noise seeds per prediction (u_s needs >= 2)")
+    amp: str = _opt("fp16", "dynamics autocast on GPU: fp16 (the reference demo), bf16 or none; CPU runs fp32")
 
 
 @dataclass

@@ -135,7 +135,8 @@ def predict_next(world_model, context: torch.Tensor, actions: Optional[torch.Ten
     s = sample_next(world_model.dynamics, context, actions, act_mask,
                     steps=sc.steps if steps is None else steps, tau_ctx=sc.tau_ctx if tau_ctx is None else tau_ctx,
                     tau_init=sc.tau_init if tau_init is None else tau_init, z_prev=z_prev, lang_emb=lang_emb,
-                    kv_cache=sc.kv_cache if kv_cache is None else kv_cache, generator=generator, n_seeds=N)
+                    kv_cache=sc.kv_cache if kv_cache is None else kv_cache, generator=generator, n_seeds=N,
+                    amp=sc.amp)
     seeds = s.z.reshape(B, N, *s.z.shape[1:])
     z = seeds[:, 0]
     # One decode for everything that needs pixels: displayed sample, other seeds and the late x1_hat.

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from mmbench2_lab.model.dynamics import Dynamics
+from mmbench2_lab.training.engine import autocast_context
 
 
 @dataclass
@@ -59,13 +60,14 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
                 tau_init: float = 0.0, z_prev: Optional[torch.Tensor] = None,
                 lang_emb: Optional[torch.Tensor] = None, kv_cache: bool = True,
                 noise: Optional[tuple] = None, generator: Optional[torch.Generator] = None,
-                n_seeds: int = 1) -> Sample:
+                n_seeds: int = 1, amp: str = "none") -> Sample:
     """Sample the frame after ``context`` for every batch row.
 
     ``n_seeds`` > 1 samples that many seeds per row (output rows b * n_seeds + n) that share one context
     corruption and, with the KV cache, one context prefill: the seeds differ only in the new frame's
     noise. (The reference expands the context first, drawing its corruption per seed; pass expanded
-    tensors with n_seeds = 1 for that.) All other tensors are given per row (B, ...).
+    tensors with n_seeds = 1 for that.) All other tensors are given per row (B, ...). ``amp`` autocasts the
+    dynamics on GPU (fp16 / bf16); its outputs are cast back to the latents' dtype.
 
     context: (B, t, n_spatial, d_spatial) packed latents (t may be 0); actions: (B, t+1, A) led-to, so
     actions[:, t] produces the new frame, or None; act_mask: (B, t+1, A) or (A,); steps: K Euler steps
@@ -111,9 +113,14 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
     def idx(n, value, rows=B * N):  # (rows, n) step or signal indices
         return torch.full((rows, n), value, dtype=torch.long, device=context.device)
 
+    def run(*args, **kw):  # the dynamics under autocast, x1_hat back in the latents' dtype
+        with autocast_context(amp, context.device):
+            out = dynamics(*args, **kw)
+        return (out[0].to(context.dtype), *out[1:])
+
     cache = None
     if kv_cache and t > 0:
-        _, _, cache = dynamics(frames(ctx_actions, slice(0, t)), idx(t, emax, B), idx(t, ctx_sig, B), past,
+        _, _, cache = run(frames(ctx_actions, slice(0, t)), idx(t, emax, B), idx(t, ctx_sig, B), past,
                                act_mask=frames(ctx_mask, slice(0, t)), lang_emb=ctx_lang, return_kv_cache=True)
         if N > 1:  # cache rows are b * S + token; seeds of row b share its context keys and values
             cache = [None if c is None else tuple(
@@ -128,11 +135,11 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
         if tau_i + dt <= tau_init:  # warm start: this noise level is already below z's
             continue
         if cache is not None:
-            x1, h_all = dynamics(new_actions, idx(1, e), idx(1, sig_i), z, act_mask=new_mask,
+            x1, h_all = run(new_actions, idx(1, e), idx(1, sig_i), z, act_mask=new_mask,
                                  lang_emb=lang_emb, kv_cache=cache)
         else:
             signal_idx = torch.cat([idx(t, ctx_sig), idx(1, sig_i)], dim=1)
-            x1, h_all = dynamics(actions, step_idx, signal_idx, torch.cat([past, z], dim=1), act_mask=act_mask,
+            x1, h_all = run(actions, step_idx, signal_idx, torch.cat([past, z], dim=1), act_mask=act_mask,
                                  lang_emb=lang_emb)
             x1 = x1[:, -1:]
         z = z + (x1 - z) / max(1e-4, 1.0 - tau_i) * dt
@@ -188,7 +195,7 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
         out = sample_next(world_model.dynamics, hist[:, s:t], None if acts is None else acts[:, s:t + 1],
                           mask if mask is None or mask.dim() == 1 else mask[:, s:t + 1], steps=steps,
                           tau_ctx=tau_ctx, tau_init=tau_init, z_prev=hist[:, t - 1], lang_emb=lang,
-                          kv_cache=kv_cache, generator=generator)
+                          kv_cache=kv_cache, generator=generator, amp=sc.amp)
         hist[:, t] = out.z
         trajs.append(out.x1_traj)
     latents = hist[:, t0:]

@@ -127,8 +127,8 @@ def rank_slice(x: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def autocast_context(amp: str, device: torch.device):
-    """bf16 autocast on GPU for ``auto``; float32 on CPU (CPU autocast is slower than fp32 here)."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+    """Autocast on GPU (``auto`` = bf16); always float32 on CPU, where autocast is slower than fp32."""
+    if amp == "none" or device.type != "cuda":
         return contextlib.nullcontext()
     dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     if dtype is None:
