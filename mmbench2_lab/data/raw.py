@@ -205,18 +205,29 @@ class StripFrames:
 
     def read(self, start: int, end: int) -> torch.Tensor:
         """Frames [start, end) -> (end - start, 3, H, H) uint8."""
-        if not 0 <= start <= end <= len(self):
-            raise IndexError(f"frames [{start}, {end}) out of range for {len(self)} frames in {self.paths[0].parent}")
-        parts, i = [], int(np.searchsorted(self._ends, start, side="right"))
-        while start < end:
-            first = int(self._ends[i - 1]) if i else 0
-            take = min(end, int(self._ends[i])) - start
-            parts.append(self.strip(i)[start - first:start - first + take])
-            start += take
-            i += 1
-        if not parts:
-            return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
-        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+        return read_blocks(self._ends, start, end, self.strip, lambda: self.size, self.paths[0].parent)
+
+
+def read_blocks(ends: np.ndarray, start: int, end: int, block, size, where) -> torch.Tensor:
+    """Frames [start, end) from consecutive blocks (PNG strips, shards) ending at the cumulative ``ends``.
+
+    ``block(i)`` returns block i's frames (anything sliceable to (n, 3, H, W) uint8); ``size()`` gives the
+    frame side for an empty result (called only then). The result never aliases a block a reader caches.
+    """
+    total = int(ends[-1]) if len(ends) else 0
+    if not 0 <= start <= end <= total:
+        raise IndexError(f"frames [{start}, {end}) out of range for {total} frames in {where}")
+    parts, i = [], int(np.searchsorted(ends, start, side="right"))
+    while start < end:
+        first = int(ends[i - 1]) if i else 0
+        take = min(end, int(ends[i])) - start
+        parts.append(block(i)[start - first:start - first + take])
+        start += take
+        i += 1
+    if not parts:
+        side = size()
+        return torch.empty((0, 3, side, side), dtype=torch.uint8)
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
 
 def write_strip(frames: torch.Tensor | np.ndarray, path: str | Path) -> Path:

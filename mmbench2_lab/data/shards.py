@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmbench2_lab.data.raw import StripFrames, atomic_write, frames_to_strip, list_raw_tasks, read_raw
+from mmbench2_lab.data.raw import (StripFrames, atomic_write, frames_to_strip, list_raw_tasks, read_blocks,
+                                   read_raw)
 
 MAGIC = b"WMCHUNK1"
 CODECS = {"webp": ".chunks", "raw": ".pt"}  # codec -> file extension
@@ -275,23 +276,16 @@ class ShardFrames:
         return frames
 
     def read(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start <= end <= len(self):
-            raise IndexError(f"frames [{start}, {end}) out of range for {len(self)} frames in {self.task_dir}")
-        parts, i = [], int(np.searchsorted(self._ends, start, side="right"))
-        while start < end:
-            first = int(self._ends[i - 1]) if i else 0
-            take = min(end, int(self._ends[i])) - start
-            shard = self._shard(i)
-            if len(shard) != int(self._ends[i]) - first:
-                raise CorruptShardError(f"{self.paths[i]}: holds {len(shard)} frames, index says "
-                                        f"{int(self._ends[i]) - first}")
-            part = shard[start - first:start - first + take]
-            parts.append(part.clone() if isinstance(shard, torch.Tensor) else part)
-            start += take
-            i += 1
-        if not parts:
-            return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """Frames [start, end) -> (end - start, 3, H, W) uint8."""
+        return read_blocks(self._ends, start, end, self._checked_shard, lambda: self.size, self.task_dir)
+
+    def _checked_shard(self, i: int):
+        """Shard i, after checking it holds the frame count its index promises."""
+        shard = self._shard(i)
+        expected = int(self._ends[i]) - (int(self._ends[i - 1]) if i else 0)
+        if len(shard) != expected:
+            raise CorruptShardError(f"{self.paths[i]}: holds {len(shard)} frames, index says {expected}")
+        return shard
 
 
 # -- preprocessing ----------------------------------------------------------------------------------------
