@@ -133,11 +133,14 @@ class TrainConfig:
     lr: float = _opt(1e-4, "AdamW learning rate")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     warmup_steps: int = _opt(0, "linear LR warmup steps")
+    lr_decay: str = _opt("none", "after warmup: none (constant, the reference) or cosine (to 10% at `steps`)")
     grad_clip: float = _opt(1.0, "max gradient norm, applied per module")
     task_weighting: str = _opt("valid_starts", "valid_starts (frame-proportional), uniform (coverage-aware), "
                                                "or targeted")
     targeted_alpha: float = _opt(0.5, "targeted weighting: mass on the SEEN and UNSEEN tasks")
     mae_p_max: float = _opt(0.9, "tokenizer: per-frame MAE drop rate ~ U(0, mae_p_max)")
+    recon_loss_on: str = _opt("masked", "tokenizer: reconstruction loss on the masked patches (the reference) "
+                                        "or on all patches (more signal per step for short CPU runs)")
     lpips_weight: float = _opt(0.0, "tokenizer: LPIPS weight (0.2 in the paper; needs LPIPS weights)")
     self_fraction: float = _opt(0.25, "dynamics: fraction of each batch used for shortcut bootstrap rows")
     bootstrap_start: int = _opt(10_000, "dynamics: step at which the bootstrap loss switches on")

@@ -53,11 +53,13 @@ def test_tokenizer_training_reduces_the_loss_and_exports(sim_data, tmp_path):
 
 def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, tmp_path):
     steps = 24
+    # the cosine schedule and the all-patch loss (the CPU recipe) must resume exactly too
+    recipe = ["tokenizer_train.lr_decay=cosine", "tokenizer_train.recon_loss_on=all"]
     full = tmp_path / "full"
-    assert cli(*train_args("train-tokenizer", sim_data, full, steps)).wait(timeout=300) == 0
+    assert cli(*train_args("train-tokenizer", sim_data, full, steps, recipe)).wait(timeout=300) == 0
 
     cut = tmp_path / "cut"
-    proc = cli(*train_args("train-tokenizer", sim_data, cut, steps))
+    proc = cli(*train_args("train-tokenizer", sim_data, cut, steps, recipe))
     latest = cut / "checkpoints" / "latest.pt"
     deadline = time.time() + 240
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
@@ -67,7 +69,7 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, 
     killed_at = torch.load(latest, weights_only=True)["step"]
     assert 0 < killed_at < steps, "the run finished before it could be killed; the test proved nothing"
 
-    assert cli(*train_args("train-tokenizer", sim_data, cut, steps), "--resume").wait(timeout=300) == 0
+    assert cli(*train_args("train-tokenizer", sim_data, cut, steps, recipe), "--resume").wait(timeout=300) == 0
     a, b = weights(full / "tokenizer", "tokenizer.safetensors"), weights(cut / "tokenizer", "tokenizer.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -121,3 +123,16 @@ def test_bad_training_input_is_named(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="LPIPS"):
         from mmbench2_lab.training.tokenizer import TokenizerStage
         TokenizerStage(preset("tiny", {"tokenizer_train.lpips_weight": 0.2}))
+    with pytest.raises(ValueError, match="recon_loss_on"):
+        TokenizerStage(preset("tiny", {"tokenizer_train.recon_loss_on": "visible"}))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from mmbench2_lab.training.engine import scheduled_lr
+    lrs = [scheduled_lr(s, 1.0, 10, "cosine", 110) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warmup
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert scheduled_lr(500, 1.0, 10) == 1.0  # "none": the reference's constant rate
+    with pytest.raises(ValueError, match="lr_decay"):
+        scheduled_lr(50, 1.0, 10, "linear", 100)

@@ -174,11 +174,16 @@ class EmaRms(torch.nn.Module):
 # -- optimisation -------------------------------------------------------------------------------
 
 
-def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup_steps``, constant afterwards (as the reference)."""
-    if warmup_steps <= 0:
-        return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
+def scheduled_lr(step: int, base_lr: float, warmup_steps: int, decay: str = "none", total_steps: int = 0) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_steps``, then constant (``decay="none"``, the reference) or
+    a cosine to 10% of ``base_lr`` at ``total_steps`` (``"cosine"``: better weights from a short run)."""
+    lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    if decay == "cosine" and step >= warmup_steps and total_steps > warmup_steps:
+        frac = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        lr = base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+    elif decay not in ("none", "cosine"):
+        raise ValueError(f"lr_decay must be 'none' or 'cosine', got {decay!r}")
+    return lr
 
 
 def clip_per_module(modules: dict[str, torch.nn.Module], max_norm: float) -> dict[str, float]:

@@ -16,7 +16,7 @@ from mmbench2_lab.config import Config
 from mmbench2_lab.data.sampling import task_weights
 from mmbench2_lab.training.engine import (Dist, EmaRms, MetricsLog, StepBatchSampler, StopFlag, atomic_save,
                                           autocast_context, cleanup_distributed, clip_per_module,
-                                          load_run_checkpoint, step_seed, warmup_lr)
+                                          load_run_checkpoint, step_seed, scheduled_lr)
 
 
 def item_weights(dataset, mode: str, alpha: float = 0.5) -> torch.Tensor:
@@ -123,7 +123,7 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
         for step, batch in enumerate(loader, start=start):
             torch.manual_seed(step_seed(cfg.seed, step, stream=3 + d.rank))  # dropout and the like
             for g in opt.param_groups:
-                g["lr"] = warmup_lr(step, cfg.lr, cfg.warmup_steps)
+                g["lr"] = scheduled_lr(step, cfg.lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps)
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
             with autocast_context(cfg.amp, d.device):
                 loss, logs = stage.loss(batch, step, nets)
