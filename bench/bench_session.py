@@ -4,11 +4,12 @@
 
 The model is the bundled one, or the tiny preset with random weights when it is not installed. Each step
 samples the next frame with the interactive settings (K = 8, tau_ctx 0.01, warm start 0.125, 2 seeds, the
-last 24 latents) and computes u_r, u_f, u_s. Settings, timed round-robin so load on the machine hits them
+model's context window) and computes u_r, u_f, u_s. Settings, timed round-robin so load on the machine hits them
 alike (median per step after the context has filled). Wall time is what a user sees on this machine now;
 CPU time is the process's compute per step, so 1 / CPU time is the rate on an otherwise idle core (the two
 agree on an idle machine with one thread; on a busy one, wall time grows and CPU time does not):
-  scalars:       the three predictors and the state
+  scalars:       the three predictors and the state (the session default: context keys/values cached)
+  no-ctx-cache:  scalars with the whole context re-run every step, as the reference demo (the baseline)
   maps:          + the u_r / u_f / u_s pixel maps (the overlay)
   side-by-side:  scalars + stepping and rendering the real simulator with the same action
 """
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
     name, model = load_model()
     ctx = model.config.sampler.ctx_window
     sessions = {"scalars": RolloutSession(model, args.task),
+                "no-ctx-cache": RolloutSession(model, args.task, cache_context=False),
                 "maps": RolloutSession(model, args.task, maps=True),
                 "side-by-side": RolloutSession(model, args.task, side_by_side=True)}
     print(f"model {name}; task {args.task}; torch {torch.__version__}; {ctx}-frame context, median of "
@@ -70,6 +72,8 @@ def main(argv=None) -> None:
             w, c = statistics.median(wall[label]), statistics.median(cpu[label])
             mark = "" if 1 / w >= TARGET else f"  (wall: below the {TARGET:g} steps/s target)"
             print(f"{threads:>7} {label:>13} {w * 1e3:>8.1f} {1 / w:>8.1f} {c * 1e3:>8.1f} {1 / c:>13.1f}{mark}")
+        base = statistics.median(cpu["no-ctx-cache"]) / statistics.median(cpu["scalars"])
+        print(f"{threads:>7} context cache: {base:.2f}x the steps per CPU-second of re-running the context")
     for s in sessions.values():
         s.close()
 

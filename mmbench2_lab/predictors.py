@@ -117,14 +117,14 @@ def predict_next(world_model, context: torch.Tensor, actions: Optional[torch.Ten
                  tau_ctx: Optional[float] = None, tau_init: Optional[float] = None,
                  z_prev: Optional[torch.Tensor] = None, lang_emb: Optional[torch.Tensor] = None,
                  kv_cache: Optional[bool] = None, generator: Optional[torch.Generator] = None,
-                 maps: bool = False) -> StepPrediction:
+                 maps: bool = False, context_cache=None) -> StepPrediction:
     """Sample the next frame for each of B contexts with ``n_seeds`` seeds and score it.
 
     context: (B, t, S, D) packed latents; actions: (B, t+1, A) led-to; act_mask: (A,) or (B, t+1, A);
     z_prev: the warm-start anchor and motion reference (default: the last context latent).
     ``maps=True`` adds pixel maps (B, H, W): ``u_r`` |frame - Dec(round trip)|, ``u_s`` the variance of
     the decoded seeds, ``u_f`` |Dec(x1_hat last step) - Dec(x1_hat previous step)| (ours; the reference
-    has scalars only). All decodes of a step run as one batch.
+    has scalars only). All decodes of a step run as one batch. ``context_cache``: see ``sample_next``.
     """
     from mmbench2_lab.sampler import sample_next
 
@@ -136,7 +136,7 @@ def predict_next(world_model, context: torch.Tensor, actions: Optional[torch.Ten
                     steps=sc.steps if steps is None else steps, tau_ctx=sc.tau_ctx if tau_ctx is None else tau_ctx,
                     tau_init=sc.tau_init if tau_init is None else tau_init, z_prev=z_prev, lang_emb=lang_emb,
                     kv_cache=sc.kv_cache if kv_cache is None else kv_cache, generator=generator, n_seeds=N,
-                    amp=sc.amp)
+                    amp=sc.amp, context_cache=context_cache)
     seeds = s.z.reshape(B, N, *s.z.shape[1:])
     z = seeds[:, 0]
     # One decode for everything that needs pixels: displayed sample, other seeds and the late x1_hat.

@@ -55,12 +55,79 @@ def expand_seeds(x: Optional[torch.Tensor], n_seeds: int) -> Optional[torch.Tens
 
 
 @torch.no_grad()
+def encode_context(dynamics: Dynamics, past: torch.Tensor, actions: Optional[torch.Tensor],
+                   act_mask: Optional[torch.Tensor], signal: int, *, lang_emb: Optional[torch.Tensor] = None,
+                   kv_cache: Optional[list] = None, amp: str = "none") -> list:
+    """Run (already corrupted) context frames (B, t, S, D) as clean-step tokens at ``signal``, after the
+    frames in ``kv_cache`` if given; returns the per-layer keys and values of all of them."""
+    B, t = past.shape[:2]
+    full = lambda v: torch.full((B, t), v, dtype=torch.long, device=past.device)  # noqa: E731
+    with autocast_context(amp, past.device):
+        return dynamics(actions, full(dynamics.cfg.emax), full(signal), past, act_mask=act_mask,
+                        lang_emb=lang_emb, kv_cache=kv_cache, return_kv_cache=True)[2]
+
+
+class ContextCache:
+    """The keys and values of a rolling context, kept across the steps of an interactive rollout.
+
+    ``sample_next`` alone re-corrupts and re-runs the whole context at every step (as the reference demo
+    does). Here each frame is corrupted at ``tau_ctx`` and run once, when it joins the context, so a step
+    costs the new frame's Euler passes plus one single-frame pass. The reference's RoPE is not a true
+    rotation, so cached keys cannot be shifted down when the oldest frame leaves; instead, once the
+    context holds ``window`` frames the next append rebuilds it from the newest ``window // 2 + 1``
+    (one prefill every window/2 steps). The model thus always sees a context of window/2 .. window frames
+    at positions 0..t-1, as in training. ``act_mask`` is (A,) or None; batch rows are independent rollouts.
+    """
+
+    def __init__(self, dynamics: Dynamics, window: int, *, tau_ctx: float = 0.0,
+                 act_mask: Optional[torch.Tensor] = None, lang_emb: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None, amp: str = "none"):
+        if window < 2:
+            raise ValueError(f"a context cache needs window >= 2, got {window}")
+        self.dynamics, self.window, self.tau_ctx = dynamics, int(window), float(tau_ctx)
+        self.act_mask, self.lang_emb, self.generator, self.amp = act_mask, lang_emb, generator, amp
+        self.kv: Optional[list] = None
+        self.latents: Optional[torch.Tensor] = None  # (B, t, S, D) the frames behind the cache
+        self.actions: Optional[torch.Tensor] = None  # (B, t, A) the actions that led to them
+
+    @property
+    def length(self) -> int:
+        return 0 if self.latents is None else self.latents.shape[1]
+
+    def _corrupt(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        k_max = self.dynamics.cfg.k_max
+        if self.tau_ctx <= 0.0:
+            return z, k_max
+        eps = torch.randn(z.shape, generator=self.generator, device=z.device, dtype=z.dtype)
+        return (1.0 - self.tau_ctx) * z + self.tau_ctx * eps, context_signal_index(self.tau_ctx, k_max)
+
+    def reset(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
+        """Start from context frames (B, t, S, D) and their led-to actions (B, t, A): one prefill."""
+        latents, actions = latents[:, -self.window:], actions[:, -self.window:]
+        past, signal = self._corrupt(latents)
+        self.kv = encode_context(self.dynamics, past, actions, self.act_mask, signal, lang_emb=self.lang_emb,
+                                 amp=self.amp)
+        self.latents, self.actions = latents, actions
+
+    def append(self, z: torch.Tensor, action: torch.Tensor) -> None:
+        """Add the frame z (B, S, D) that ``action`` (B, A) led to."""
+        latents = torch.cat([self.latents, z[:, None]], dim=1)
+        actions = torch.cat([self.actions, action[:, None].to(self.actions)], dim=1)
+        if self.length >= self.window:
+            self.reset(latents[:, -(self.window // 2 + 1):], actions[:, -(self.window // 2 + 1):])
+            return
+        past, signal = self._corrupt(z[:, None])
+        self.kv = encode_context(self.dynamics, past, action[:, None].to(self.actions), self.act_mask, signal,
+                                 lang_emb=self.lang_emb, kv_cache=self.kv, amp=self.amp)
+        self.latents, self.actions = latents, actions
+
+
 def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[torch.Tensor],
                 act_mask: Optional[torch.Tensor] = None, *, steps: int = 4, tau_ctx: float = 0.1,
                 tau_init: float = 0.0, z_prev: Optional[torch.Tensor] = None,
                 lang_emb: Optional[torch.Tensor] = None, kv_cache: bool = True,
                 noise: Optional[tuple] = None, generator: Optional[torch.Generator] = None,
-                n_seeds: int = 1, amp: str = "none") -> Sample:
+                n_seeds: int = 1, amp: str = "none", context_cache: Optional["ContextCache"] = None) -> Sample:
     """Sample the frame after ``context`` for every batch row.
 
     ``n_seeds`` > 1 samples that many seeds per row (output rows b * n_seeds + n) that share one context
@@ -73,7 +140,8 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
     actions[:, t] produces the new frame, or None; act_mask: (B, t+1, A) or (A,); steps: K Euler steps
     (a power of two <= k_max); z_prev: (B, n_spatial, d_spatial) warm-start anchor used when tau_init > 0;
     lang_emb: (B, lang_dim); noise: (noise_z (B, [1,] n_spatial, d_spatial), noise_ctx (B, t, n_spatial,
-    d_spatial) or None) to replay recorded draws instead of sampling.
+    d_spatial) or None) to replay recorded draws instead of sampling; context_cache: the keys and values of
+    ``context`` kept across steps (:class:`ContextCache`), so the context is not run (nor re-corrupted) again.
     """
     cfg = dynamics.cfg
     if context.dim() != 4 or tuple(context.shape[2:]) != (cfg.n_spatial, cfg.d_spatial):
@@ -85,7 +153,10 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
     N = max(1, int(n_seeds))
     sched = shortcut_schedule(steps, cfg.k_max)
     e, dt, emax = sched["e"], sched["dt"], cfg.emax
-    corrupt = tau_ctx > 0.0 and t > 0
+    if context_cache is not None and (context_cache.length != t or not kv_cache):
+        raise ValueError(f"context_cache holds {context_cache.length} frames for a context of {t}; pass its "
+                         "own latents (context_cache.latents) as the context, with kv_cache on")
+    corrupt = tau_ctx > 0.0 and t > 0 and context_cache is None
     shape = (B * N, 1, cfg.n_spatial, cfg.d_spatial)
 
     if noise is None:
@@ -120,8 +191,9 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
 
     cache = None
     if kv_cache and t > 0:
-        _, _, cache = run(frames(ctx_actions, slice(0, t)), idx(t, emax, B), idx(t, ctx_sig, B), past,
-                               act_mask=frames(ctx_mask, slice(0, t)), lang_emb=ctx_lang, return_kv_cache=True)
+        cache = context_cache.kv if context_cache is not None else encode_context(
+            dynamics, past, frames(ctx_actions, slice(0, t)), frames(ctx_mask, slice(0, t)), ctx_sig,
+            lang_emb=ctx_lang, amp=amp)
         if N > 1:  # cache rows are b * S + token; seeds of row b share its context keys and values
             cache = [None if c is None else tuple(
                 x.reshape(B, -1, *x.shape[1:]).repeat_interleave(N, dim=0).flatten(0, 1) for x in c)

@@ -35,6 +35,7 @@ import torch
 
 from mmbench2_lab.hallucination import HallucinationMonitor
 from mmbench2_lab.predictors import PREDICTORS, predict_next
+from mmbench2_lab.sampler import ContextCache
 from mmbench2_lab.tasks import ACTION_DIM, TaskSpec, get_task
 
 # Key pairs (positive, negative) per action dimension, as the reference demo binds them.
@@ -239,13 +240,17 @@ class RolloutSession:
         smoothing: EMA weight beta of the previous action (0 disables smoothing).
         steps, tau_ctx, tau_init, n_seeds, ctx_window, kv_cache: sampling; default to the reference demo
             (K = 8 capped at the model's k_max, 0.01, 0.125, 2 seeds, the model's ctx_window, its kv_cache).
+        cache_context: keep the context's keys and values across steps (``sampler.ContextCache``): each
+            frame is corrupted and run once, when it joins the context, which then spans ctx_window/2 to
+            ctx_window frames. Several times cheaper per step; False re-runs the whole window every step
+            with fresh corruption, as the reference demo does.
     """
 
     def __init__(self, world_model, task: Optional[str] = None, *, frames=None, seed: int = 0,
                  side_by_side: bool = False, guarded: bool = False, monitor="thresholds", maps: bool = False,
                  record: bool = False, smoothing: float = SMOOTHING, steps: Optional[int] = None,
                  tau_ctx: float = 0.01, tau_init: float = 0.125, n_seeds: int = 2,
-                 ctx_window: Optional[int] = None, kv_cache: Optional[bool] = None):
+                 ctx_window: Optional[int] = None, kv_cache: Optional[bool] = None, cache_context: bool = True):
         cfg = world_model.config
         if cfg.tokenizer.height != cfg.tokenizer.width:
             raise ValueError(f"interactive sessions need square frames; the model's are "
@@ -266,6 +271,8 @@ class RolloutSession:
         self.ctx_window = int(cfg.sampler.ctx_window if ctx_window is None else ctx_window)
         if self.ctx_window < 1:
             raise ValueError(f"ctx_window must be >= 1, got {self.ctx_window}")
+        self.cache_context = bool(cache_context) and self.sampling["kv_cache"] and self.ctx_window >= 2
+        self._context_cache: Optional[ContextCache] = None
         self.monitor = monitor if isinstance(monitor, HallucinationMonitor) else HallucinationMonitor(mode=monitor)
         self.side_by_side = bool(side_by_side or guarded)
         self.guarded = bool(guarded)
@@ -347,12 +354,16 @@ class RolloutSession:
         real_frame = real_reward = None
         if self.side_by_side:
             real_frame, real_reward = on_simulator_thread(_sim_step, self._handle, a)
-        ep = self._ep
-        actions = torch.as_tensor(np.stack(ep.actions + [a]), device=self._device)[None]  # (1, t+1, 16) led-to
+        ep, cc = self._ep, self._context_cache
+        a_t = torch.as_tensor(a, device=self._device)[None]
+        if cc is not None:
+            context, actions = cc.latents, torch.cat([cc.actions, a_t[:, None]], dim=1)
+        else:
+            context = self.context[None]
+            actions = torch.as_tensor(np.stack(ep.actions + [a]), device=self._device)[None]  # (1, t+1, 16)
         with self._lock, torch.no_grad():
-            p = predict_next(self.model, self.context[None], actions,
-                             torch.as_tensor(self.action_mask, device=self._device), maps=self.maps,
-                             generator=self._generator, **self.sampling)
+            p = predict_next(self.model, context, actions, torch.as_tensor(self.action_mask, device=self._device),
+                             maps=self.maps, generator=self._generator, context_cache=cc, **self.sampling)
             reward = None
             if self.model.reward_head is not None and p.h is not None:
                 reward = float(self.model.reward_head.decode(self.model.reward_head(p.h))[0, 0])
@@ -364,6 +375,9 @@ class RolloutSession:
                 z = self._encode(real_frame[None])[-1]
             reanchored = True
             self.reanchors += 1
+        if cc is not None:
+            with self._lock, torch.no_grad():
+                cc.append(z[None], a_t)
         ep.latents.append(z)
         ep.actions.append(a)
         del ep.latents[:-self.ctx_window], ep.actions[:-self.ctx_window]
@@ -458,6 +472,13 @@ class RolloutSession:
             latents = self._encode(frames[-self.ctx_window:])
             shown = self.model.decode(latents[-1:][None])[0, 0]
         self._ep = _Episode(latents=list(latents), actions=[np.zeros(ACTION_DIM, np.float32)] * len(latents))
+        if self.cache_context:
+            cc = ContextCache(self.model.dynamics, self.ctx_window, tau_ctx=self.sampling["tau_ctx"],
+                              act_mask=torch.as_tensor(self.action_mask, device=self._device),
+                              generator=self._generator, amp=self.model.config.sampler.amp)
+            with self._lock, torch.no_grad():
+                cc.reset(latents[None], torch.zeros(1, len(latents), ACTION_DIM, device=self._device))
+            self._context_cache = cc
         self._a_smooth = np.zeros(ACTION_DIM, np.float32)
         self.monitor.reset()
         self.paused = False

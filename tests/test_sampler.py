@@ -6,7 +6,7 @@ import torch
 
 from mmbench2_lab import predictors
 from _session_fixtures import tiny_world_model
-from mmbench2_lab.sampler import context_signal_index, expand_seeds, rollout, sample_next, shortcut_schedule
+from mmbench2_lab.sampler import ContextCache, context_signal_index, expand_seeds, rollout, sample_next, shortcut_schedule
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,34 @@ def test_kv_cached_sampling_equals_uncached(wm):
         torch.testing.assert_close(cached.z, full.z, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(cached.x1_traj, full.x1_traj, atol=1e-5, rtol=1e-5)
         assert cached.executed_steps == full.executed_steps == list(range(steps))[steps // 8:]
+
+
+def test_a_context_cache_built_frame_by_frame_samples_as_rerunning_the_context(wm):
+    ctx, actions = _inputs(wm, t=7)
+    mask = torch.zeros(16)
+    mask[:4] = 1
+    kw = dict(steps=8, tau_ctx=0.0, tau_init=0.125, n_seeds=2)
+    cc = ContextCache(wm.dynamics, window=6, act_mask=mask)
+    cc.reset(ctx[:, :3], actions[:, :3])
+    for k in (3, 4):
+        cc.append(ctx[:, k], actions[:, k])
+    assert cc.length == 5
+    cached = sample_next(wm.dynamics, cc.latents, actions[:, :6], mask, context_cache=cc, z_prev=ctx[:, 4],
+                         generator=torch.Generator().manual_seed(1), **kw)
+    full = sample_next(wm.dynamics, ctx[:, :5], actions[:, :6], mask, z_prev=ctx[:, 4],
+                       generator=torch.Generator().manual_seed(1), **kw)
+    torch.testing.assert_close(cached.z, full.z, atol=1e-5, rtol=1e-5)
+    # full at 6 frames: the next append rebuilds it from the newest window // 2 + 1 = 4 frames
+    cc.append(ctx[:, 5], actions[:, 5])
+    cc.append(ctx[:, 6], actions[:, 6])
+    assert cc.length == 4 and torch.equal(cc.latents, ctx[:, 3:7])
+    cached = sample_next(wm.dynamics, cc.latents, actions[:, 3:8], mask, context_cache=cc,
+                         generator=torch.Generator().manual_seed(2), **kw)
+    full = sample_next(wm.dynamics, ctx[:, 3:7], actions[:, 3:8], mask, generator=torch.Generator().manual_seed(2),
+                       **kw)
+    torch.testing.assert_close(cached.z, full.z, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="context_cache holds 4 frames"):
+        sample_next(wm.dynamics, ctx[:, :5], actions[:, :6], mask, context_cache=cc, **kw)
 
 
 def test_last_euler_step_lands_on_the_clean_prediction(wm):

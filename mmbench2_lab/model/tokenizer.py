@@ -62,6 +62,10 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.patch_proj = nn.Linear(cfg.patch_dim, cfg.d_model)
         self.bottleneck_proj = nn.Linear(cfg.d_model, cfg.d_bottleneck)
+        # Start tanh in its linear range: with the default init the unnormalised residual stream (RMS ~1-2)
+        # saturates it, its gradient vanishes and the encoder never learns (z constant, mean-image decoder).
+        nn.init.normal_(self.bottleneck_proj.weight, std=0.02)
+        nn.init.zeros_(self.bottleneck_proj.bias)
         self.mae = MAEReplacer(cfg.d_model)
         self.latents = nn.Parameter(torch.randn(cfg.n_latents, cfg.d_model) * 0.02)
         self.transformer = BlockCausalTransformer(

@@ -88,8 +88,11 @@ class TokenizerStage(Stage):
             mse = ((pred.float() - patches.float()) ** 2).mean()
         else:
             mse = masked_patch_mse(pred, patches, masked, masks.sum() / self.d.world_size)
+        # z_saturated near 1 means tanh has saturated: the encoder gets no gradient and z stops depending
+        # on the frame (a dead bottleneck; lower the learning rate).
         return self.rms(mse), {"mse": mse.detach(), "psnr_masked": psnr(mse.detach()),
-                                       "keep_frac": 1.0 - masked.float().mean()}
+                      "keep_frac": 1.0 - masked.float().mean(),
+                      "z_saturated": (z.detach().abs() > 0.99).float().mean()}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
