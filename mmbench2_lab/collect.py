@@ -145,6 +145,12 @@ def run_episode(task: str, episode: int, *, policy: str = "random", size: int = 
             "score": float(info["score"]), "episode": episode}
 
 
+def close_envs() -> None:
+    """Close this process's cached simulators (left open, dm_control's EGL contexts fail noisily at exit)."""
+    while _ENVS:
+        _ENVS.popitem()[1].close()
+
+
 def _job(args: tuple) -> tuple[str, dict]:
     task, episode, kwargs = args
     return task, run_episode(task, episode, **kwargs)
@@ -203,6 +209,8 @@ def collect(tasks: str | Sequence[str], episodes: int, out: str | Path, *, polic
         bar.close()
         if pool:
             pool.terminate()
+        else:
+            close_envs()
     return added
 
 

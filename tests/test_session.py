@@ -136,6 +136,20 @@ def test_history_is_capped_at_ctx_window(model):
         assert s.history_len == 3 and s.last.step == 5
 
 
+def test_cached_context_steps_as_rerunning_it_until_the_window_fills_then_stays_within_it(model):
+    kw = dict(seed=3, tau_ctx=0.0, ctx_window=4)
+    with RolloutSession(model, TASK, **kw) as cached, \
+            RolloutSession(model, TASK, cache_context=False, **kw) as rerun:
+        for i in range(3):  # context 1 -> 4 frames: both see the same frames at the same positions
+            a = np.full(16, (-1) ** i * 0.7, np.float32)
+            np.testing.assert_allclose(cached.step(a).frame, rerun.step(a).frame, atol=1)
+        lengths = []
+        for _ in range(6):
+            cached.step(np.zeros(16, np.float32))
+            lengths.append(cached._context_cache.length)
+    assert min(lengths) == 3 and max(lengths) == 4  # rebuilt from the newest window // 2 + 1 when full
+
+
 def test_switch_task_validates_the_name_and_keeps_the_episode_on_error(session):
     session.step()
     with pytest.raises(UnknownTaskError, match="Did you mean atari-pong"):
