@@ -18,31 +18,19 @@ def test_bundled_model_loads_and_rolls_out_with_predictors_from_a_live_simulator
 
 
 def _calibrate_fresh_episodes(model, tmp_path, tasks, episodes, seed):
-    """Calibration rows of the bundled model on episodes collected live, with seeds its training never used."""
+    """Calibration rows (12 evenly spaced windows of 8 + 16 frames) of ``model`` on episodes collected live,
+    with seeds its training never used."""
     from mmbench2_lab.collect import collect
     from mmbench2_lab.data.windows import DynamicsWindows
     from mmbench2_lab.evaluation import calibration_table
     out = tmp_path / "fresh"
     collect(tasks, episodes, out, policy="random", size=64, max_steps=96, seed=seed, progress=False)
     windows = DynamicsWindows([out], 23, lang_dim=model.config.dynamics.lang_dim)
-    return calibration_table(model, windows, n_seeds=2, batch_size=16, progress=False)
+    return calibration_table(model, windows, n_sequences=12, n_seeds=2, batch_size=12, progress=False)
 
 
 def test_bundled_model_beats_the_repeat_last_frame_floor_on_fresh_episodes_of_a_trained_task(tmp_path, threads_1):
-    rows = _calibrate_fresh_episodes(load_pretrained("bundled"), tmp_path, ["og-point-maze"], 2, seed=9000)
+    rows = _calibrate_fresh_episodes(load_pretrained("bundled"), tmp_path, ["cheetah-run"], 2, seed=9000)
     gains = torch.tensor([r["rollout_psnr_gain_db"] for r in rows])
-    assert len(rows) >= 8
-    assert gains.mean() > 0, f"bundled model dPSNR {gains.mean():+.2f} dB on fresh og-point-maze episodes"
-
-
-def test_bundled_model_is_more_uncertain_on_its_held_out_task_than_on_trained_tasks_of_that_domain(
-        tmp_path, threads_1):
-    """og-point-var1 (an MMBench2 unseen variant) was kept out of training; og-point-maze/arena were not."""
-    rows = _calibrate_fresh_episodes(load_pretrained("bundled"), tmp_path,
-                                     ["og-point-maze", "og-point-arena", "og-point-var1"], 1, seed=9100)
-    u_r = {}
-    for r in rows:
-        u_r.setdefault(r["task"], []).append(r["u_r_norm"])
-    held_out = torch.tensor(u_r.pop("og-point-var1")).mean()
-    for task, values in u_r.items():
-        assert held_out > torch.tensor(values).mean(), (task, u_r, held_out)
+    assert len(rows) == 12
+    assert gains.mean() > 0, f"bundled model dPSNR {gains.mean():+.2f} dB on fresh cheetah-run episodes"
