@@ -10,8 +10,9 @@ The reference demo's settings (reference spec section 9): K = 8 shortcut steps, 
 tau_init 0.125 from the previous latent, the last 24 latents as context, actions EMA-smoothed
 ``a <- 0.817 a + 0.183 a_raw``, keys ArrowRight/Left -> dim 0, ArrowUp/Down -> dim 1, d/a -> dim 2,
 w/s -> dim 3 (opposing keys cancel). Beyond the reference: side-by-side mode steps the real simulator with
-the same actions, and guarded mode re-anchors the model on the real frame whenever the state is
-"hallucinating".
+the same actions, guarded mode re-anchors the model on the real frame whenever the state is
+"hallucinating", and the context's keys and values are kept across steps (``sampler.ContextCache``) instead
+of re-running the whole window every step.
 
 Threads: sessions are independent; inference is serialised by one lock per model (:func:`model_lock`),
 and every simulator call runs on one dedicated thread, because MuJoCo's EGL contexts are bound to the
