@@ -54,7 +54,6 @@ def expand_seeds(x: Optional[torch.Tensor], n_seeds: int) -> Optional[torch.Tens
     return None if x is None else x.repeat_interleave(n_seeds, dim=0)
 
 
-@torch.no_grad()
 def encode_context(dynamics: Dynamics, past: torch.Tensor, actions: Optional[torch.Tensor],
                    act_mask: Optional[torch.Tensor], signal: int, *, lang_emb: Optional[torch.Tensor] = None,
                    kv_cache: Optional[list] = None, amp: str = "none") -> list:
