@@ -54,6 +54,14 @@ def expand_seeds(x: Optional[torch.Tensor], n_seeds: int) -> Optional[torch.Tens
     return None if x is None else x.repeat_interleave(n_seeds, dim=0)
 
 
+def corrupt_context(context: torch.Tensor, eps: Optional[torch.Tensor], tau_ctx: float, k_max: int
+                    ) -> tuple[torch.Tensor, int]:
+    """(1 - tau_ctx) context + tau_ctx eps and its signal index; with eps None the clean context at k_max."""
+    if eps is None:
+        return context, k_max
+    return (1.0 - tau_ctx) * context + tau_ctx * eps.to(context), context_signal_index(tau_ctx, k_max)
+
+
 def encode_context(dynamics: Dynamics, past: torch.Tensor, actions: Optional[torch.Tensor],
                    act_mask: Optional[torch.Tensor], signal: int, *, lang_emb: Optional[torch.Tensor] = None,
                    kv_cache: Optional[list] = None, amp: str = "none") -> list:
@@ -94,12 +102,11 @@ class ContextCache:
         return 0 if self.latents is None else self.latents.shape[1]
 
     def _corrupt(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        k_max = self.dynamics.cfg.k_max
-        if self.tau_ctx <= 0.0:
-            return z, k_max
-        eps = torch.randn(z.shape, generator=self.generator, device=z.device, dtype=z.dtype)
-        return (1.0 - self.tau_ctx) * z + self.tau_ctx * eps, context_signal_index(self.tau_ctx, k_max)
+        eps = (torch.randn(z.shape, generator=self.generator, device=z.device, dtype=z.dtype)
+               if self.tau_ctx > 0.0 else None)
+        return corrupt_context(z, eps, self.tau_ctx, self.dynamics.cfg.k_max)
 
+    @torch.no_grad()
     def reset(self, latents: torch.Tensor, actions: torch.Tensor) -> None:
         """Start from context frames (B, t, S, D) and their led-to actions (B, t, A): one prefill."""
         latents, actions = latents[:, -self.window:], actions[:, -self.window:]
@@ -108,6 +115,7 @@ class ContextCache:
                                  amp=self.amp)
         self.latents, self.actions = latents, actions
 
+    @torch.no_grad()
     def append(self, z: torch.Tensor, action: torch.Tensor) -> None:
         """Add the frame z (B, S, D) that ``action`` (B, A) led to."""
         latents = torch.cat([self.latents, z[:, None]], dim=1)
@@ -121,6 +129,7 @@ class ContextCache:
         self.latents, self.actions = latents, actions
 
 
+@torch.no_grad()
 def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[torch.Tensor],
                 act_mask: Optional[torch.Tensor] = None, *, steps: int = 4, tau_ctx: float = 0.1,
                 tau_init: float = 0.0, z_prev: Optional[torch.Tensor] = None,
@@ -168,10 +177,7 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
             raise ValueError(f"noise[1] must be the context noise {tuple(context.shape)} when tau_ctx > 0")
     if z_prev is not None and tau_init > 0.0:
         z = (1.0 - tau_init) * z + tau_init * expand_seeds(z_prev, N).reshape(shape)
-    past, ctx_sig = context, cfg.k_max
-    if corrupt:
-        past = (1.0 - tau_ctx) * context + tau_ctx * eps_ctx.to(context)
-        ctx_sig = context_signal_index(tau_ctx, cfg.k_max)
+    past, ctx_sig = corrupt_context(context, eps_ctx if corrupt else None, tau_ctx, cfg.k_max)
     ctx_actions, ctx_mask, ctx_lang = actions, act_mask, lang_emb  # per context row, for the prefill
     if N > 1:
         actions, lang_emb = expand_seeds(actions, N), expand_seeds(lang_emb, N)
