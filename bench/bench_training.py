@@ -2,7 +2,7 @@
 the tokenizer and of the dynamics, for each preset.
 
     .venv/bin/python bench/bench_training.py [--presets tiny small] [--steps 5] [--threads N]
-    .venv/bin/python bench/bench_training.py --presets small --max-frames 0     # the preset's full batches (GPU)
+    .venv/bin/python bench/bench_training.py --presets small --max-pixels 0     # the preset's full batches (GPU)
 
 Each step is what the trainers run (MAE masks and the patch MSE; shortcut flow matching with its bootstrap
 rows), forward + backward + AdamW, on random inputs of the preset's shapes with the preset's batch and
@@ -86,9 +86,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage (median reported)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU recipe of this project)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--max-frames", type=int, default=16,
-                   help="cap the tokenizer's frames per step (batch x T) by shrinking its batch: the small preset's "
-                        "full batch (256 frames at 128 px) needs more than 24 GB of CPU memory; 0 = no cap")
+    p.add_argument("--max-pixels", type=int, default=16 * 128 * 128,
+                   help="cap the tokenizer's pixels per step (batch x T x H x W) by shrinking its batch: the small "
+                        "preset's full batch (256 frames at 128 px) needs more than 24 GB of CPU memory, 16 such "
+                        "frames about 13 GB; 0 = no cap")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,9 +99,10 @@ def main() -> None:
           f"{'util':>6}")
     for name in args.presets:
         cfg = preset(name, args.set)
-        tc = cfg.tokenizer_train
-        if args.max_frames:
-            tc.batch_size = max(1, min(tc.batch_size, args.max_frames // tc.seq_len))
+        tok = cfg.tokenizer_train
+        if args.max_pixels:
+            per_sequence = tok.seq_len * cfg.tokenizer.height * cfg.tokenizer.width
+            tok.batch_size = max(1, min(tok.batch_size, args.max_pixels // per_sequence))
         for stage, build, tc in (("tokenizer", tokenizer_step, cfg.tokenizer_train),
                                  ("dynamics", dynamics_step, cfg.dynamics_train)):
             step, frames = build(cfg)

@@ -17,20 +17,16 @@ def test_bundled_model_loads_and_rolls_out_with_predictors_from_a_live_simulator
     assert last.state in ("stable", "drifting", "hallucinating", "calibrating")
 
 
-def _calibrate_fresh_episodes(model, tmp_path, tasks, episodes, seed):
-    """Calibration rows (12 evenly spaced windows of 8 + 16 frames) of ``model`` on episodes collected live,
-    with seeds its training never used."""
+def test_bundled_model_beats_the_repeat_last_frame_floor_on_fresh_episodes_of_a_trained_task(tmp_path, threads_1):
+    """12 evenly spaced windows (8 + 16 frames) of cheetah-run episodes collected live, with seeds its training
+    never used."""
     from mmbench2_lab.collect import collect
     from mmbench2_lab.data.windows import DynamicsWindows
     from mmbench2_lab.evaluation import calibration_table
-    out = tmp_path / "fresh"
-    collect(tasks, episodes, out, policy="random", size=64, max_steps=96, seed=seed, progress=False)
-    windows = DynamicsWindows([out], 23, lang_dim=model.config.dynamics.lang_dim)
-    return calibration_table(model, windows, n_sequences=12, n_seeds=2, batch_size=12, progress=False)
-
-
-def test_bundled_model_beats_the_repeat_last_frame_floor_on_fresh_episodes_of_a_trained_task(tmp_path, threads_1):
-    rows = _calibrate_fresh_episodes(load_pretrained("bundled"), tmp_path, ["cheetah-run"], 2, seed=9000)
+    model = load_pretrained("bundled")
+    collect(["cheetah-run"], 2, tmp_path, policy="random", size=64, max_steps=96, seed=9000, progress=False)
+    windows = DynamicsWindows([tmp_path], 23, lang_dim=model.config.dynamics.lang_dim)
+    rows = calibration_table(model, windows, n_sequences=12, n_seeds=2, batch_size=12, progress=False)
     gains = torch.tensor([r["rollout_psnr_gain_db"] for r in rows])
     assert len(rows) == 12
     assert gains.mean() > 0, f"bundled model dPSNR {gains.mean():+.2f} dB on fresh cheetah-run episodes"
