@@ -348,8 +348,9 @@ def _tiny() -> Config:
                                     lr_decay="cosine", mae_p_max=0.25, recon_loss_on="all",
                                     eval_every=500, ckpt_every=500, log_every=25, eval_windows=32),
         # 16-frame windows of 8: more optimizer steps in a 10-minute CPU run; the context window matches.
+        # The bootstrap starts early: evaluation samples with coarse steps (K = 1 and 4), which only it trains.
         dynamics_train=TrainConfig(seq_len=16, batch_size=8, steps=1700, lr=1e-3, warmup_steps=100,
-                                   lr_decay="cosine", bootstrap_start=1000, eval_every=500, ckpt_every=500,
+                                   lr_decay="cosine", bootstrap_start=200, eval_every=500, ckpt_every=500,
                                    log_every=25, eval_windows=32),
         sampler=SamplerConfig(steps=4, tau_ctx=0.1, ctx_window=16),
         preset="tiny",
