@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx", type=int, default=8, help="context frames")
     parser.add_argument("--horizon", type=int, default=16, help="frames rolled out open-loop")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per rollout (u_s needs 2+)")
+    parser.add_argument("--independent-seeds", action="store_true",
+                        help="roll each seed out on its own (u_s then also grows as the rollouts diverge); "
+                             "default: every step's seeds branch from one followed history, as the reference")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     windows = DynamicsWindows(args.data, args.ctx + args.horizon - 1, tasks=args.tasks or None,
                               lang_dim=model.config.dynamics.lang_dim)
     rows = calibration_table(model, windows, n_sequences=args.sequences, ctx=args.ctx, horizon=args.horizon,
-                             n_seeds=args.seeds, batch_size=args.batch_size)
+                             n_seeds=args.seeds, batch_size=args.batch_size,
+                             shared_context=not args.independent_seeds)
     path = write_calibration_csv(rows, args.out)
     print(f"wrote {len(rows)} sequences to {path}")
     for name, s in calibration_stats(load_calibration(path)).items():

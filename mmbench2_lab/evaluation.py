@@ -52,13 +52,17 @@ class RolloutEval:
     latents: torch.Tensor  # (B, N, horizon, S, D) sampled latents
     x1_traj: torch.Tensor  # (B, N, horizon, n_exec, S, D) clean predictions per Euler step
     context: torch.Tensor  # (B, ctx, S, D) encoded context
+    shared_context: bool = False  # seeds branch from one history per step (latents[:, 0] is followed)
 
 
 @torch.no_grad()
 def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: torch.Tensor, *, ctx: int = 8,
                  horizon: int = 16, n_seeds: int = 1, steps: int | None = None, tau_ctx: float | None = None,
-                 generator: torch.Generator | None = None) -> RolloutEval:
+                 generator: torch.Generator | None = None, shared_context: bool = False) -> RolloutEval:
     """Open-loop rollout dPSNR over the repeat-last-frame floor; the gain is averaged over seeds' MSE.
+
+    Seeds are independent rollouts, or with ``shared_context`` N samples per step from one followed
+    history (see :func:`~mmbench2_lab.sampler.rollout`), as the reference scores its predictors.
 
     obs: (B, >= ctx+horizon, C, H, W); act, act_mask: (B, >= ctx+horizon-1, 16) dataset convention.
     The context is encoded jointly (causal), as the trainer sees windows.
@@ -70,13 +74,13 @@ def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: to
     actions, mask = window_actions(act, act_mask, n)
     context = world_model.encode(frames[:, :ctx])
     ro = rollout(world_model, context, actions, horizon, n_seeds=n_seeds, act_mask=mask, steps=steps,
-                 tau_ctx=tau_ctx, generator=generator)
+                 tau_ctx=tau_ctx, generator=generator, shared_context=shared_context)
     truth = frames[:, ctx:]
     mse_pred = ((ro.frames - truth[:, None]) ** 2).flatten(2).mean(-1).mean(1)  # (B,) mean over seeds
     mse_floor = ((frames[:, ctx - 1:ctx] - truth) ** 2).flatten(1).mean(-1)
     p, f = psnr(mse_pred), psnr(mse_floor)
     return RolloutEval(gain_db=p - f, psnr_pred=p, psnr_floor=f, pred=ro.frames, truth=truth,
-                       latents=ro.latents, x1_traj=ro.x1_traj, context=context)
+                       latents=ro.latents, x1_traj=ro.x1_traj, context=context, shared_context=shared_context)
 
 
 @torch.no_grad()
@@ -126,16 +130,19 @@ def action_attribution(world_model, obs: torch.Tensor, act: torch.Tensor, act_ma
 def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
     """Per-frame predictors of a multi-seed rollout: each (B, horizon).
 
-    As the reference scores a prediction (``URNormScorer``): u_r on the mean over seeds, motion
-    m = RMS(mean_t - mean_{t-1}) (the last context latent before the first frame), u_s the variance across
-    seeds (which grows as independent rollouts diverge), u_f the mean over seeds of each step's flow
-    instability; ``*_norm`` = u / max(m, 1e-3).
+    As the reference scores a prediction (``URNormScorer``, ``CrossSeedScorer``): u_r on the mean over
+    seeds, motion m = RMS(mean_t - z_prev), u_s the variance across seeds, u_f the mean over seeds of each
+    step's flow instability; ``*_norm`` = u / max(m, 1e-3). z_prev is the history the step was sampled
+    from: the followed seed's previous latent for a ``shared_context`` rollout (the reference's setting:
+    u_s is one-step uncertainty), else the previous seed mean (u_s then also grows as independent rollouts
+    diverge). The first step's z_prev is the last context latent.
     """
     from mmbench2_lab.predictors import PREDICTORS, flow_instability, motion, normalise, round_trip_residual
 
     B, N, H = ro.latents.shape[:3]
     mean = ro.latents.mean(1)  # (B, H, S, D)
-    prev = torch.cat([ro.context[:, -1:], mean[:, :-1]], dim=1)
+    followed = ro.latents[:, 0] if ro.shared_context else mean
+    prev = torch.cat([ro.context[:, -1:], followed[:, :-1]], dim=1)
     m = motion(mean, prev)
     u_s = ro.latents.var(1).mean((-2, -1)) if N >= 2 else torch.zeros(B, H, device=mean.device)
     x1 = ro.x1_traj.permute(3, 0, 1, 2, 4, 5).flatten(1, 3)  # (n_exec, B*N*H, S, D)
@@ -149,13 +156,15 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def calibration_table(world_model, windows, *, n_sequences: int | None = None, ctx: int = 8, horizon: int = 16,
                       n_seeds: int = 2, batch_size: int = 16, attribution_positions: int | None = 8,
-                      seed: int = 0, progress: bool = True, return_traces: bool = False):
+                      seed: int = 0, progress: bool = True, return_traces: bool = False,
+                      shared_context: bool = True):
     """Per-sequence calibration rows, in the columns of the paper's ``calibration_perseq_base.csv``.
 
     windows: a ``DynamicsWindows`` of seq_len >= ctx + horizon - 1 (typically held-out episodes).
     For each sequence: open-loop rollout dPSNR over the floor (seed-averaged MSE), the mean over the horizon
     of each normalised predictor, and the action-shuffle ratio (one-step MSE with actions permuted across
-    the batch / real). ``n_sequences`` picks that many evenly spaced windows (default: all). With
+    the batch / real). By default each step's seeds branch from one followed history (``shared_context``),
+    as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own. ``n_sequences`` picks that many evenly spaced windows (default: all). With
     ``return_traces`` also returns the per-frame (B, horizon) predictor values of every sequence.
     """
     n_total = len(windows)
@@ -177,7 +186,8 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
         items = [windows[i] for i in chunk]
         obs, act, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("obs", "act", "act_mask"))
         g = torch.Generator(device=device).manual_seed(seed + start)
-        ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g)
+        ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g,
+                          shared_context=shared_context)
         pred = rollout_predictors(world_model, ro)
         attr = action_attribution(world_model, obs[:, :ctx + horizon], act[:, :ctx + horizon - 1],
                                   mask[:, :ctx + horizon - 1], positions=attribution_positions, seed=seed)

@@ -240,13 +240,17 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
             n_seeds: int = 1, act_mask: Optional[torch.Tensor] = None, lang_emb: Optional[torch.Tensor] = None,
             steps: Optional[int] = None, tau_ctx: Optional[float] = None, tau_init: Optional[float] = None,
             ctx_window: Optional[int] = None, kv_cache: Optional[bool] = None,
-            generator: Optional[torch.Generator] = None, decode: bool = True) -> Rollout:
+            generator: Optional[torch.Generator] = None, decode: bool = True,
+            shared_context: bool = False) -> Rollout:
     """Roll the dynamics forward ``horizon`` frames, each conditioned on the last ``ctx_window`` latents.
 
     context_latents: (B, t0, n_spatial, d_spatial), t0 >= 1; actions: (B, t0 + horizon, A) led-to
     (actions[:, j] led to frame j) or None; act_mask: (A,) or (B, t0 + horizon, A). Sampler options
     default to ``world_model.config.sampler``; the warm start (tau_init > 0) anchors on the previous
-    latent. Each seed is an independent rollout.
+    latent. Each seed is an independent rollout, unless ``shared_context``: then at every step the N seeds
+    sample from one shared history (one context pass), which continues with seed 0's sample, so the seeds'
+    spread is the one-step uncertainty the reference's scorers measure (u_s), not the divergence of
+    independent rollouts. latents[:, 0] is then the followed trajectory.
     """
     sc = world_model.config.sampler
     steps = sc.steps if steps is None else steps
@@ -261,21 +265,23 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
         raise ValueError(f"actions cover {actions.shape[1]} frames; a rollout of {horizon} after {t0} context "
                          f"frames needs {t0 + horizon}")
     N = n_seeds
-    hist = torch.cat([expand_seeds(context_latents, N),
-                      context_latents.new_zeros(B * N, horizon, *context_latents.shape[2:])], dim=1)
-    acts, mask, lang = expand_seeds(actions, N), act_mask, expand_seeds(lang_emb, N)
+    rows = 1 if shared_context else N  # history rows per batch row; shared: the N seeds branch per step
+    hist = torch.cat([expand_seeds(context_latents, rows),
+                      context_latents.new_zeros(B * rows, horizon, *context_latents.shape[2:])], dim=1)
+    acts, mask, lang = expand_seeds(actions, rows), act_mask, expand_seeds(lang_emb, rows)
     if mask is not None and mask.dim() == 3:
-        mask = expand_seeds(mask, N)
-    trajs = []
+        mask = expand_seeds(mask, rows)
+    samples, trajs = [], []
     for t in range(t0, t0 + horizon):
         s = max(0, t - ctx_window)
         out = sample_next(world_model.dynamics, hist[:, s:t], None if acts is None else acts[:, s:t + 1],
                           mask if mask is None or mask.dim() == 1 else mask[:, s:t + 1], steps=steps,
                           tau_ctx=tau_ctx, tau_init=tau_init, z_prev=hist[:, t - 1], lang_emb=lang,
-                          kv_cache=kv_cache, generator=generator, amp=sc.amp)
-        hist[:, t] = out.z
+                          kv_cache=kv_cache, generator=generator, amp=sc.amp, n_seeds=N // rows)
+        hist[:, t] = out.z[::N // rows]  # (B * N rows, b * N + n): seed 0 of each row when shared
+        samples.append(out.z)
         trajs.append(out.x1_traj)
-    latents = hist[:, t0:]
+    latents = torch.stack(samples, dim=1)  # (B*N, horizon, S, D)
     # Frames are decoded one at a time (T = 1), as the interactive demo and u_r see them.
     frames = world_model.decode(latents.reshape(-1, 1, *latents.shape[2:])) if decode else None
 

@@ -92,3 +92,22 @@ def test_calibration_table_has_the_paper_columns_on_real_windows(wm, sim_data, t
     for r in rows:
         seqs.setdefault(r["task"], []).append(r["seq_idx"])
     assert all(v == list(range(len(v))) for v in seqs.values())
+
+
+def test_rollout_predictors_score_each_step_against_the_history_it_was_sampled_from(wm, sim_data, threads_1):
+    """Shared context: u_s is the one-step spread of seeds from one history, motion is measured from the
+    followed seed's previous latent; independent seeds: motion from the previous seed mean."""
+    from mmbench2_lab.data.windows import DynamicsWindows
+    from mmbench2_lab.evaluation import rollout_gain, rollout_predictors
+    it = [DynamicsWindows([sim_data], 7)[i] for i in range(2)]
+    obs, act, mask = (torch.stack([x[k] for x in it]) for k in ("obs", "act", "act_mask"))
+    for shared in (True, False):
+        ro = rollout_gain(wm, obs, act, mask, ctx=4, horizon=4, n_seeds=3, shared_context=shared,
+                          generator=torch.Generator().manual_seed(0))
+        p = rollout_predictors(wm, ro)
+        mean = ro.latents.mean(1)
+        prev = (ro.latents[:, 0] if shared else mean)[:, 1]
+        m = (mean[:, 2] - prev).pow(2).mean((-2, -1)).sqrt()
+        torch.testing.assert_close(p["motion"][:, 2], m)
+        torch.testing.assert_close(p["u_s"][:, 2], ro.latents[:, :, 2].var(1).mean((-2, -1)))
+        torch.testing.assert_close(p["u_s_norm"], p["u_s"] / p["motion"].clamp(min=1e-3))

@@ -137,6 +137,23 @@ def test_rollout_slides_the_context_window_and_decodes(wm):
     torch.testing.assert_close(first.latents[:, :, 0], out.latents[:, :, 0])
 
 
+
+def test_shared_context_rollout_branches_its_seeds_from_the_followed_seed_at_every_step(wm):
+    """Each step's N seeds sample from one history that continues with seed 0 (the reference's scorers)."""
+    ctx, _ = _inputs(wm, B=2, t=2)
+    actions = torch.rand(2, 2 + 2, 16) * 2 - 1
+    kw = dict(steps=2, tau_ctx=0.1)
+    out = rollout(wm, ctx, actions, 2, n_seeds=3, shared_context=True, decode=False,
+                  generator=torch.Generator().manual_seed(0), **kw)
+    g = torch.Generator().manual_seed(0)
+    first = sample_next(wm.dynamics, ctx, actions[:, :3], n_seeds=3, generator=g, **kw)
+    followed = first.z.reshape(2, 3, *first.z.shape[1:])[:, 0]
+    second = sample_next(wm.dynamics, torch.cat([ctx, followed[:, None]], 1), actions, n_seeds=3, generator=g,
+                         z_prev=followed, **kw)
+    torch.testing.assert_close(out.latents[:, :, 0], first.z.reshape(2, 3, *first.z.shape[1:]))
+    torch.testing.assert_close(out.latents[:, :, 1], second.z.reshape(2, 3, *second.z.shape[1:]))
+    assert not torch.allclose(out.latents[:, 1, 1], out.latents[:, 2, 1])  # seeds still differ
+
 def test_flow_instability_uses_the_tail_half_of_the_deltas():
     steps = torch.stack([torch.full((2, 3, 4), v) for v in (0.0, 1.0, 1.5, 1.75, 2.0)])  # deltas 1, .5, .25, .25
     steps[:, 1] *= 2
