@@ -218,24 +218,37 @@ def calibration_stats(df: pd.DataFrame, n_bins: int = N_BINS) -> dict[str, Predi
 
 
 def per_task_stats(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per task (table order): n, hallucination rate, median ΔPSNR, and per predictor ρ and AUROC.
+    """One row per task (table order): domain, n, hallucination rate, median ΔPSNR, and per predictor its
+    median, ρ and AUROC (the medians compare tasks: a held-out task should score above the trained tasks
+    of its domain).
 
-    Columns: ``n``, ``hallucination_rate``, ``median_gain_db``, then ``<predictor>_spearman`` and
-    ``<predictor>_auroc`` (nan where a task has too few finite rows or only one outcome class).
+    Columns: ``domain`` (empty for a task not in the catalogue), ``n``, ``hallucination_rate``,
+    ``median_gain_db``, then ``<predictor>_median``, ``<predictor>_spearman`` and ``<predictor>_auroc``
+    (nan where a task has too few finite rows or only one outcome class).
     """
     predictors = predictor_columns(df)
     out = {}
     for task, rows in df.groupby("task", sort=False):
         gain = rows[GAIN_COLUMN].to_numpy(dtype=float)
         gain = gain[np.isfinite(gain)]
-        entry = {"n": len(rows), "hallucination_rate": float(np.mean(gain < HALLUCINATION_THRESHOLD_DB)),
+        entry = {"domain": _domain(task), "n": len(rows), "hallucination_rate": float(np.mean(gain < HALLUCINATION_THRESHOLD_DB)),
                  "median_gain_db": float(np.median(gain)) if len(gain) else math.nan}
         for c in predictors:
             u, g = finite_pairs(rows, c)
+            entry[f"{c}_median"] = float(np.median(u)) if len(u) else math.nan
             entry[f"{c}_spearman"] = spearman_rho(u, g)
             entry[f"{c}_auroc"] = hallucination_auroc(u, g)
         out[task] = entry
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("task")
+
+
+def _domain(task: str) -> str:
+    from mmbench2_lab.tasks import UnknownTaskError, get_task
+
+    try:
+        return get_task(task).domain
+    except UnknownTaskError:
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -200,8 +200,12 @@ def test_table_without_predictors_or_with_text_values_is_rejected(tmp_path):
 def test_per_task_stats_break_down_each_task(tmp_path):
     rows = [("up", i, 1.0, float(i), float(i), float(i), 3.0 - i) for i in range(6)]  # rho -1, 2 of 6 < 0
     rows += [("flat", i, 1.0, float(i), float(i), float(i), 1.0 + i) for i in range(4)]  # rho +1, none < 0
+    rows += [("cheetah-run", i, 1.0, 10.0 + i, 0.0, 0.0, 1.0) for i in range(3)]
     table = per_task_stats(load_calibration(_write(tmp_path / "t.csv", CALIBRATION_COLUMNS, rows)))
-    assert list(table.index) == ["up", "flat"]
+    assert list(table.index) == ["up", "flat", "cheetah-run"]
+    assert table.loc["cheetah-run", "domain"] == "dmcontrol" and table.loc["up", "domain"] == ""
+    assert table.loc["up", "u_r_norm_median"] == pytest.approx(2.5)
+    assert table.loc["cheetah-run", "u_r_norm_median"] == pytest.approx(11.0)
     assert table.loc["up", "n"] == 6 and table.loc["up", "hallucination_rate"] == pytest.approx(2 / 6)
     assert table.loc["up", "median_gain_db"] == pytest.approx(0.5)
     assert table.loc["up", "u_r_norm_spearman"] == pytest.approx(-1.0)
@@ -317,5 +321,5 @@ def test_cli_per_task_prints_one_csv_row_per_task(tmp_path, capsys):
     path = _write(tmp_path / "t.csv", CALIBRATION_COLUMNS, rows)
     assert main(["calibration-report", str(path), "--per-task", "--folds", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    start = lines.index(next(line for line in lines if line.startswith("task,n,hallucination_rate")))
+    start = lines.index(next(line for line in lines if line.startswith("task,domain,n,hallucination_rate")))
     assert [line.split(",")[0] for line in lines[start + 1:]] == ["t0", "t1", "t2"]
