@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mmbench2_lab.hallucination import PAPER_THRESHOLDS
+from mmbench2_lab.tasks import UnknownTaskError, get_task
 
 GAIN_COLUMN = "rollout_psnr_gain_db"
 REQUIRED_COLUMNS = ("task", "seq_idx", GAIN_COLUMN)
@@ -231,7 +232,8 @@ def per_task_stats(df: pd.DataFrame) -> pd.DataFrame:
     for task, rows in df.groupby("task", sort=False):
         gain = rows[GAIN_COLUMN].to_numpy(dtype=float)
         gain = gain[np.isfinite(gain)]
-        entry = {"domain": _domain(task), "n": len(rows), "hallucination_rate": float(np.mean(gain < HALLUCINATION_THRESHOLD_DB)),
+        entry = {"domain": _domain(task), "n": len(rows),
+                 "hallucination_rate": float(np.mean(gain < HALLUCINATION_THRESHOLD_DB)),
                  "median_gain_db": float(np.median(gain)) if len(gain) else math.nan}
         for c in predictors:
             u, g = finite_pairs(rows, c)
@@ -243,8 +245,7 @@ def per_task_stats(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _domain(task: str) -> str:
-    from mmbench2_lab.tasks import UnknownTaskError, get_task
-
+    """The task's domain, or "" for a name outside the catalogue (tables may hold any task name)."""
     try:
         return get_task(task).domain
     except UnknownTaskError:

@@ -164,8 +164,9 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
     For each sequence: open-loop rollout dPSNR over the floor (seed-averaged MSE), the mean over the horizon
     of each normalised predictor, and the action-shuffle ratio (one-step MSE with actions permuted across
     the batch / real). By default each step's seeds branch from one followed history (``shared_context``),
-    as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own. ``n_sequences`` picks that many evenly spaced windows (default: all). With
-    ``return_traces`` also returns the per-frame (B, horizon) predictor values of every sequence.
+    as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own.
+    ``n_sequences`` picks that many evenly spaced windows (default: all). With ``return_traces`` also
+    returns the per-frame (B, horizon) predictor values of every sequence.
     """
     n_total = len(windows)
     idx = (list(range(n_total)) if n_sequences is None or n_sequences >= n_total else

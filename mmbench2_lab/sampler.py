@@ -265,7 +265,8 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
         raise ValueError(f"actions cover {actions.shape[1]} frames; a rollout of {horizon} after {t0} context "
                          f"frames needs {t0 + horizon}")
     N = n_seeds
-    rows = 1 if shared_context else N  # history rows per batch row; shared: the N seeds branch per step
+    per_step = N if shared_context else 1  # seeds sampled from each history row at every step
+    rows = N // per_step  # history rows per batch row
     hist = torch.cat([expand_seeds(context_latents, rows),
                       context_latents.new_zeros(B * rows, horizon, *context_latents.shape[2:])], dim=1)
     acts, mask, lang = expand_seeds(actions, rows), act_mask, expand_seeds(lang_emb, rows)
@@ -277,8 +278,8 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
         out = sample_next(world_model.dynamics, hist[:, s:t], None if acts is None else acts[:, s:t + 1],
                           mask if mask is None or mask.dim() == 1 else mask[:, s:t + 1], steps=steps,
                           tau_ctx=tau_ctx, tau_init=tau_init, z_prev=hist[:, t - 1], lang_emb=lang,
-                          kv_cache=kv_cache, generator=generator, amp=sc.amp, n_seeds=N // rows)
-        hist[:, t] = out.z[::N // rows]  # (B * N rows, b * N + n): seed 0 of each row when shared
+                          kv_cache=kv_cache, generator=generator, amp=sc.amp, n_seeds=per_step)
+        hist[:, t] = out.z[::per_step]  # rows b * N + n: each history row follows its first seed
         samples.append(out.z)
         trajs.append(out.x1_traj)
     latents = torch.stack(samples, dim=1)  # (B*N, horizon, S, D)
