@@ -162,13 +162,37 @@ def test_runnable_domains_are_the_installed_ones():
 @pytest.mark.skipif("dmcontrol" not in runnable_domains(), reason="dm_control not installed")
 def test_every_runnable_dmcontrol_task_builds_and_steps():
     runnable = [t.name for t in tasks(domain="dmcontrol") if is_runnable(t.name)]
-    assert len(runnable) == 21
+    assert len(runnable) == 23
     for task in runnable:
         env = make_env(task, render=False, seed=0)
         env.reset()
         _, reward, _, _, info = env.step(env.action_space.sample())
         assert np.isfinite(reward) and info["state"].size > 0
         env.close()
+
+
+@needs("finger-turn-easy-var1")
+@pytest.mark.parametrize("variant,stock", [("finger-turn-easy-var1", "finger-turn-easy"),
+                                           ("cup-catch-var1", "cup-catch")])
+def test_var1_variant_is_its_stock_task_with_a_dark_sky_and_purple_floor(variant, stock):
+    """Same seed and actions give the same states and rewards; only the look differs."""
+    runs = {}
+    for task in (variant, stock):
+        env = make_env(task, size=SIZE, seed=4)
+        frame, info = env.reset()
+        states, rewards = [info["state"]], []
+        for t in range(6):
+            frame, reward, _, _, info = env.step(np.full(16, 0.5 if t % 2 else -0.5, np.float32))
+            states.append(info["state"])
+            rewards.append(reward)
+        runs[task] = frame.astype(float), np.stack(states), rewards
+        env.close()
+    np.testing.assert_array_equal(runs[variant][1], runs[stock][1])
+    assert runs[variant][2] == runs[stock][2]
+    sky_var1, sky_stock = runs[variant][0][:4].mean((0, 1)), runs[stock][0][:4].mean((0, 1))
+    assert np.ptp(sky_var1) < 10 and sky_stock[2] - sky_stock[0] > 20, "var1 sky is grey, stock sky is blue"
+    floor_var1 = runs[variant][0][-12:].mean((0, 1))
+    assert floor_var1[2] > floor_var1[1] and floor_var1[0] > floor_var1[1], "var1 floor is purple"
 
 
 @pytest.mark.skipif("box2d" not in runnable_domains(), reason="Box2D not installed")

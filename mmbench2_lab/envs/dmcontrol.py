@@ -3,10 +3,13 @@
 Actions repeat twice (500 agent steps = the suite's 1000 control steps); the frame is
 ``physics.render(224, 224, camera)`` with camera 0 (quadruped: 2, from ``TaskSpec.camera``); the state is
 the suite's observation dict flattened in order; the score is the episode return / 1000.
+MMBench2's two unseen ``*-var1`` tasks are stock suite tasks (same physics, control and reward) drawn with
+a dark flat skybox, a muted purple floor and purple anchor decorations.
 """
 from __future__ import annotations
 
 import types
+import xml.etree.ElementTree as ET
 
 import gymnasium
 import numpy as np
@@ -37,10 +40,17 @@ TASKS = {
     "hopper-hop": ("hopper", "hop"),
     "quadruped-walk": ("quadruped", "walk"),
     "quadruped-run": ("quadruped", "run"),
+    "cup-catch-var1": ("ball_in_cup", "catch"),
+    "finger-turn-easy-var1": ("finger", "turn_easy"),
 }
-NOT_YET = {
-    "cup-catch-var1": "MMBench2's recoloured ball_in_cup (dark skybox, muted floor)",
-    "finger-turn-easy-var1": "MMBench2's recoloured finger (dark skybox, muted floor)",
+NOT_YET: dict[str, str] = {}
+# The var1 look (colours from the MMBench2 release): asset element (tag, name) -> attributes replaced.
+VAR1_LOOK = {
+    "./common/skybox.xml": {("texture", "skybox"): {"builtin": "flat", "rgb1": ".2 .2 .2", "rgb2": ".2 .2 .2",
+                                                    "mark": "none"}},
+    "./common/materials.xml": {("texture", "grid"): {"rgb1": ".32 .27 .40", "rgb2": ".42 .36 .52",
+                                                     "markrgb": ".42 .36 .52"},
+                               ("material", "decoration"): {"rgba": ".42 .34 .54 1"}},
 }
 
 
@@ -51,7 +61,8 @@ def return_range(name: str) -> tuple[float, float]:
 
 def make(spec: TaskSpec) -> gymnasium.Env:
     domain, task = TASKS[spec.name]
-    return ActionRepeat(DMControlEnv(domain, task, camera_id=int(spec.camera)), spec.action_repeat)
+    env = DMControlEnv(domain, task, camera_id=int(spec.camera), var1_look=spec.name.endswith("-var1"))
+    return ActionRepeat(env, spec.action_repeat)
 
 
 class DMControlEnv(gymnasium.Env):
@@ -63,12 +74,15 @@ class DMControlEnv(gymnasium.Env):
 
     metadata = {"render_modes": ["rgb_array"]}
 
-    def __init__(self, domain: str, task: str, camera_id: int):
+    def __init__(self, domain: str, task: str, camera_id: int, var1_look: bool = False):
         from dm_control import suite
 
         _restore_in1d(suite.quadruped)
         self.dm_env = suite.load(domain, task, task_kwargs={"time_limit": float("inf")},
                                  visualize_reward=False)
+        if var1_look:
+            xml, assets = getattr(suite, domain).get_model_and_assets()
+            self.physics.reload_from_xml_string(xml, var1_assets(assets))
         self.camera_id = camera_id
         self.render_mode = "rgb_array"
         act = self.dm_env.action_spec()
@@ -102,6 +116,20 @@ class DMControlEnv(gymnasium.Env):
     @staticmethod
     def _state(observation) -> np.ndarray:
         return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+def var1_assets(assets: dict[str, bytes]) -> dict[str, bytes]:
+    """The suite's shared assets with the skybox and materials recoloured to the var1 look."""
+    recoloured = dict(assets)
+    for path, changes in VAR1_LOOK.items():
+        root = ET.fromstring(assets[path])
+        for (tag, name), attributes in changes.items():
+            element = root.find(f"./asset/{tag}[@name='{name}']")
+            if element is None:
+                raise KeyError(f"{path} has no <{tag} name={name!r}>: dm_control's assets changed")
+            element.attrib.update(attributes)
+        recoloured[path] = ET.tostring(root)
+    return recoloured
 
 
 def forget_current_gl_context() -> None:
