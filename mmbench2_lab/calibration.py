@@ -403,14 +403,25 @@ def calibration_report(df: pd.DataFrame, k: int = 5, seed: int = 0) -> dict:
     """JSON-ready report: ``{predictor: {"spearman", "auroc", "n"}, "combined_<combiner>": {...}}`` (nan -> None).
 
     Predictor keys are the table's column names. The combined entries (held-out-task figures) appear only
-    when the table has two or more predictor columns.
+    when the table has two or more predictor columns and two or more tasks.
     """
     report = {name: {"spearman": s.spearman, "auroc": s.auroc, "n": s.n}
               for name, s in calibration_stats(df).items()}
-    if len(report) >= 2:
-        for combiner in COMBINERS:
-            report[f"combined_{combiner}"] = combined_stats(df, combiner, k, seed).to_dict()
+    for combiner, stats in all_combined_stats(df, k, seed).items():
+        report[f"combined_{combiner}"] = stats.to_dict()
     return _nan_to_none(report)
+
+
+def all_combined_stats(df: pd.DataFrame, k: int = 5, seed: int = 0) -> dict[str, CombinedStats]:
+    """``combined_stats`` for every combiner, with at most one fold per task; empty when there is nothing to
+    combine, hold out or fit: fewer than two predictor columns or tasks, or a single outcome (all or no
+    ΔPSNR < 0)."""
+    n_tasks = df["task"].nunique()
+    gain = df[GAIN_COLUMN].to_numpy(dtype=float)
+    one_outcome = np.all(gain[np.isfinite(gain)] < 0) or np.all(gain[np.isfinite(gain)] >= 0)
+    if len(predictor_columns(df)) < 2 or n_tasks < 2 or one_outcome:
+        return {}
+    return {c: combined_stats(df, c, min(k, n_tasks), seed) for c in COMBINERS}
 
 
 def _nan_to_none(obj):

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmbench2_lab.calibration import (COMBINERS, calibration_report, calibration_stats, combined_stats,
+    from mmbench2_lab.calibration import (all_combined_stats, calibration_report, calibration_stats,
                                           load_calibration, per_task_stats)
 
     df = load_calibration(args.csv)
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(calibration_report(df, args.folds, args.seed), indent=2))
         return 0
     stats = calibration_stats(df)
-    combined = ({c: combined_stats(df, c, args.folds, args.seed) for c in COMBINERS} if len(stats) >= 2 else {})
+    combined = all_combined_stats(df, args.folds, args.seed)
 
     source = args.csv or "the bundled paper base-model table (calibration_perseq_base.csv)"
     print(f"calibration of {source}: {len(df)} sequences, {df['task'].nunique()} tasks")
@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
               f"{s.zero_crossing:>10.3f}")
     print("(rho: Spearman of u vs rollout dPSNR; AUROC: u as a score for dPSNR < 0; "
           "0 dB at u: where the decile median dPSNR curve crosses 0)")
+    if len(stats) >= 2 and not combined:
+        print("\ncombined predictors: not computed (they need two or more tasks and sequences on both sides "
+              "of dPSNR = 0)")
     if combined:
         first = next(iter(combined.values()))
         print(f"\ncombined predictors, each task scored by a model fitted on other tasks "

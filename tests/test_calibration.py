@@ -323,3 +323,19 @@ def test_cli_per_task_prints_one_csv_row_per_task(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("task,domain,n,hallucination_rate")))
     assert [line.split(",")[0] for line in lines[start + 1:]] == ["t0", "t1", "t2"]
+
+
+def test_cli_reports_a_table_of_few_tasks_or_one_outcome_without_the_combined_figures(tmp_path, capsys):
+    """A held-out file of two tasks gets two folds; one where every rollout hallucinates gets no combiner."""
+    two_tasks = [(f"t{i % 2}", i, 1.0, float(i), float(i % 3), float(9 - i), 4.0 - i) for i in range(10)]
+    assert main(["calibration-report", str(_write(tmp_path / "a.csv", CALIBRATION_COLUMNS, two_tasks))]) == 0
+    assert "(2 task-grouped folds, n=10)" in capsys.readouterr().out
+    all_bad = [(f"t{i % 3}", i, 1.0, float(i), float(i % 3), float(9 - i), -1.0 - i) for i in range(9)]
+    path = _write(tmp_path / "b.csv", CALIBRATION_COLUMNS, all_bad)
+    assert main(["calibration-report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "combined predictors: not computed" in out and "u_r_norm" in out
+    assert main(["calibration-report", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"u_r_norm", "u_f_norm", "u_s_norm"} and report["u_r_norm"]["auroc"] is None
+    assert report["u_r_norm"]["spearman"] == pytest.approx(-1.0)

@@ -112,8 +112,9 @@ def test_dynamics_training_on_a_frozen_tokenizer_runs_evaluates_and_exports(sim_
     assert any(r.get("train/bootstrap_mse", 0) > 0 for r in rows)
     from mmbench2_lab.checkpoints import load_pretrained
     model = load_pretrained(str(out / "world_model"))
-    assert json.loads((out / "world_model" / "config.json").read_text())["tokenizer"]["d_model"] == 32
-    assert model.config.dynamics.depth == 2
+    exported = json.loads((out / "world_model" / "config.json").read_text())
+    assert exported["tokenizer"]["d_model"] == 32 and model.config.dynamics.depth == 2
+    assert exported["tokenizer_train"]["steps"] == 3, "the world model records how its tokenizer was trained"
 
 
 def test_bad_training_input_is_named(tmp_path, capsys):

@@ -9,11 +9,12 @@ Evaluation: open-loop rollout dPSNR over the repeat-last-frame floor and the act
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from mmbench2_lab.checkpoints import load_pretrained, load_tokenizer
+from mmbench2_lab.checkpoints import CONFIG_NAME, load_pretrained, load_tokenizer
 from mmbench2_lab.config import Config
 from mmbench2_lab.data.windows import DynamicsWindows
 from mmbench2_lab.evaluation import action_attribution, rollout_gain
@@ -82,6 +83,9 @@ class DynamicsStage(Stage):
         tokenizer, tok_cfg = load_tokenizer(tc.tokenizer_path)
         if tok_cfg != config.tokenizer:
             config = config.override({f"tokenizer.{k}": v for k, v in tok_cfg.__dict__.items()})
+        tok_config_file = Path(tc.tokenizer_path) / CONFIG_NAME
+        if tok_config_file.is_file():  # the exported world model records how its tokenizer was trained
+            config = dataclasses.replace(config, tokenizer_train=Config.load(tok_config_file).tokenizer_train)
         super().__init__(config, d)
         torch.manual_seed(tc.seed)
         self.model = WorldModel(config)
