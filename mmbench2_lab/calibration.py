@@ -403,7 +403,7 @@ def calibration_report(df: pd.DataFrame, k: int = 5, seed: int = 0) -> dict:
     """JSON-ready report: ``{predictor: {"spearman", "auroc", "n"}, "combined_<combiner>": {...}}`` (nan -> None).
 
     Predictor keys are the table's column names. The combined entries (held-out-task figures) appear only
-    when the table has two or more predictor columns and two or more tasks.
+    where ``all_combined_stats`` can compute them.
     """
     report = {name: {"spearman": s.spearman, "auroc": s.auroc, "n": s.n}
               for name, s in calibration_stats(df).items()}
