@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundled, base, coverage_aware, combined, or a world-model folder")
     parser.add_argument("--data", nargs="+", required=True, help="held-out raw partitions to evaluate on")
     parser.add_argument("--tasks", nargs="*", help="only these tasks (default: every task in --data)")
-    parser.add_argument("--out", required=True, help="CSV to write (the paper's columns)")
+    parser.add_argument("--out", required=True, help="CSV to write (the paper's columns, then ours if asked for)")
     parser.add_argument("--sequences", type=int, help="evenly spaced windows to evaluate (default: all)")
     parser.add_argument("--ctx", type=int, default=8, help="context frames")
     parser.add_argument("--horizon", type=int, default=16, help="frames rolled out open-loop")
@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--independent-seeds", action="store_true",
                         help="roll each seed out on its own (u_s then also grows as the rollouts diverge); "
                              "default: every step's seeds branch from one followed history, as the reference")
+    parser.add_argument("--context-residual", action="store_true",
+                        help="add a u_r_context column (ours, beyond the paper): the round-trip residual of the "
+                             "last real context frame, high on scenes the tokenizer cannot draw")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                               lang_dim=model.config.dynamics.lang_dim)
     rows = calibration_table(model, windows, n_sequences=args.sequences, ctx=args.ctx, horizon=args.horizon,
                              n_seeds=args.seeds, batch_size=args.batch_size,
-                             shared_context=not args.independent_seeds)
+                             shared_context=not args.independent_seeds, context_residual=args.context_residual)
     path = write_calibration_csv(rows, args.out)
     print(f"wrote {len(rows)} sequences to {path}")
     for name, s in calibration_stats(load_calibration(path)).items():

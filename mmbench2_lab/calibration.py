@@ -34,6 +34,9 @@ REQUIRED_COLUMNS = ("task", "seq_idx", GAIN_COLUMN)
 # The paper's per-sequence CSV, in its column order; write_calibration_csv writes exactly these.
 CALIBRATION_COLUMNS = ("task", "seq_idx", "action_shuffle_ratio", "u_r_norm", "u_f_norm", "u_s_norm",
                        GAIN_COLUMN)
+# Ours, beyond the paper: the round-trip residual of the last *real* context frame (how unfamiliar the scene
+# is to the tokenizer), written after the paper's columns when asked for.
+CONTEXT_RESIDUAL_COLUMN = "u_r_context"
 HALLUCINATION_THRESHOLD_DB = 0.0  # ΔPSNR below this is a hallucination (scene divergence)
 N_BINS = 10  # the paper's median curves: 10 equal-count bins of the predictor
 
@@ -103,23 +106,26 @@ def paper_calibration() -> pd.DataFrame:
 
 
 def write_calibration_csv(rows: Iterable[Mapping[str, object]], path: str | os.PathLike) -> Path:
-    """Write rows (mappings with exactly ``CALIBRATION_COLUMNS``) as a CSV in the paper's column order.
+    """Write rows (mappings with exactly ``CALIBRATION_COLUMNS``, optionally all with
+    ``CONTEXT_RESIDUAL_COLUMN`` too) as a CSV in the paper's column order, that column last.
 
     Written to a temporary file and renamed, so a reader never sees half a table. Returns the path.
     """
     path = Path(path)
     rows = list(rows)
+    columns = CALIBRATION_COLUMNS + ((CONTEXT_RESIDUAL_COLUMN,) if rows and CONTEXT_RESIDUAL_COLUMN in rows[0]
+                                     else ())
     for i, row in enumerate(rows):
-        missing = [c for c in CALIBRATION_COLUMNS if c not in row]
-        extra = [c for c in row if c not in CALIBRATION_COLUMNS]
+        missing = [c for c in columns if c not in row]
+        extra = [c for c in row if c not in columns]
         if missing or extra:
             raise ValueError(f"row {i}: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}; "
-                             f"each row needs exactly {', '.join(CALIBRATION_COLUMNS)}")
+                             f"each row needs exactly {', '.join(columns)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CALIBRATION_COLUMNS, lineterminator="\n")
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)

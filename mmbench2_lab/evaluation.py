@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mmbench2_lab.flow_matching import led_to_actions
+from mmbench2_lab.predictors import PREDICTORS, flow_instability, motion, normalise, round_trip_residual
 from mmbench2_lab.sampler import rollout, sample_next
 
 
@@ -137,8 +138,6 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
     u_s is one-step uncertainty), else the previous seed mean (u_s then also grows as independent rollouts
     diverge). The first step's z_prev is the last context latent.
     """
-    from mmbench2_lab.predictors import PREDICTORS, flow_instability, motion, normalise, round_trip_residual
-
     B, N, H = ro.latents.shape[:3]
     mean = ro.latents.mean(1)  # (B, H, S, D)
     followed = ro.latents[:, 0] if ro.shared_context else mean
@@ -157,7 +156,7 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
 def calibration_table(world_model, windows, *, n_sequences: int | None = None, ctx: int = 8, horizon: int = 16,
                       n_seeds: int = 2, batch_size: int = 16, attribution_positions: int | None = 8,
                       seed: int = 0, progress: bool = True, return_traces: bool = False,
-                      shared_context: bool = True):
+                      shared_context: bool = True, context_residual: bool = False):
     """Per-sequence calibration rows, in the columns of the paper's ``calibration_perseq_base.csv``.
 
     windows: a ``DynamicsWindows`` of seq_len >= ctx + horizon - 1 (typically held-out episodes).
@@ -166,7 +165,10 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
     the batch / real). By default each step's seeds branch from one followed history (``shared_context``),
     as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own.
     ``n_sequences`` picks that many evenly spaced windows (default: all). With ``return_traces`` also
-    returns the per-frame (B, horizon) predictor values of every sequence.
+    returns the per-frame (B, horizon) predictor values of every sequence. ``context_residual`` adds
+    ``u_r_context`` (ours, not the paper's): the round-trip residual of the last real context latent, which
+    rises on scenes the tokenizer cannot draw even when the model confidently repaints them into familiar,
+    on-manifold predictions that the paper's u_r does not flag.
     """
     n_total = len(windows)
     idx = (list(range(n_total)) if n_sequences is None or n_sequences >= n_total else
@@ -190,6 +192,8 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
         ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g,
                           shared_context=shared_context)
         pred = rollout_predictors(world_model, ro)
+        if context_residual:
+            u_context = round_trip_residual(world_model.tokenizer, ro.context[:, -1])
         attr = action_attribution(world_model, obs[:, :ctx + horizon], act[:, :ctx + horizon - 1],
                                   mask[:, :ctx + horizon - 1], positions=attribution_positions, seed=seed)
         ratio = attr["mse_shuffle"] / attr["mse_real"].clamp_min(1e-12)
@@ -201,6 +205,8 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
                          "action_shuffle_ratio": float(ratio[j]),
                          **{k: float(pred[k][j].mean()) for k in ("u_r_norm", "u_f_norm", "u_s_norm")},
                          "rollout_psnr_gain_db": float(ro.gain_db[j])})
+            if context_residual:
+                rows[-1]["u_r_context"] = float(u_context[j])
             per_task[task] += 1
             if return_traces:
                 traces.append({"task": task, **{k: v[j].tolist() for k, v in pred.items()}})

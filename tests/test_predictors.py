@@ -94,6 +94,27 @@ def test_calibration_table_has_the_paper_columns_on_real_windows(wm, sim_data, t
     assert all(v == list(range(len(v))) for v in seqs.values())
 
 
+def test_calibration_table_adds_the_real_context_round_trip_when_asked(wm, sim_data, tmp_path, threads_1, capsys):
+    """u_r_context is u_r of the last real context frame's latent, by hand; the CSV and report carry it."""
+    from mmbench2_lab.calibration import CALIBRATION_COLUMNS, CONTEXT_RESIDUAL_COLUMN, write_calibration_csv
+    from mmbench2_lab.cli import main
+    from mmbench2_lab.data.windows import DynamicsWindows
+    from mmbench2_lab.evaluation import calibration_table
+    windows = DynamicsWindows([sim_data], 4 + 4 - 1)
+    rows = calibration_table(wm, windows, n_sequences=4, ctx=4, horizon=4, batch_size=4, progress=False,
+                             context_residual=True)
+    assert all(tuple(r) == CALIBRATION_COLUMNS + (CONTEXT_RESIDUAL_COLUMN,) for r in rows)
+    last_context = torch.stack([windows[i]["obs"][3] for i in range(len(windows))])
+    frame = last_context[[0, len(windows) - 1]].float() / 255  # the first and last of the evenly spaced windows
+    by_hand = round_trip_residual(wm.tokenizer, wm.encode(frame[:, None])[:, 0])
+    assert [rows[0][CONTEXT_RESIDUAL_COLUMN], rows[-1][CONTEXT_RESIDUAL_COLUMN]] == pytest.approx(
+        by_hand.tolist(), rel=1e-4)
+    path = write_calibration_csv(rows, tmp_path / "ctx.csv")
+    assert path.read_text().splitlines()[0].endswith(",rollout_psnr_gain_db,u_r_context")
+    assert main(["calibration-report", str(path), "--json"]) == 0
+    assert CONTEXT_RESIDUAL_COLUMN in capsys.readouterr().out
+
+
 def test_rollout_predictors_score_each_step_against_the_history_it_was_sampled_from(wm, sim_data, threads_1):
     """Shared context: u_s is the one-step spread of seeds from one history, motion is measured from the
     followed seed's previous latent; independent seeds: motion from the previous seed mean."""
@@ -111,3 +132,17 @@ def test_rollout_predictors_score_each_step_against_the_history_it_was_sampled_f
         torch.testing.assert_close(p["motion"][:, 2], m)
         torch.testing.assert_close(p["u_s"][:, 2], ro.latents[:, :, 2].var(1).mean((-2, -1)))
         torch.testing.assert_close(p["u_s_norm"], p["u_s"] / p["motion"].clamp(min=1e-3))
+
+
+def test_calibrate_command_writes_the_table_and_reports_it(wm, sim_data, tmp_path, threads_1, capsys):
+    from mmbench2_lab.calibration import load_calibration
+    from mmbench2_lab.cli import main
+    wm.save_pretrained(tmp_path / "model")
+    out = tmp_path / "calib.csv"
+    assert main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(sim_data), "--out", str(out),
+                 "--sequences", "4", "--ctx", "4", "--horizon", "4", "--context-residual"]) == 0
+    printed = capsys.readouterr().out
+    table = load_calibration(out)
+    assert len(table) == 4 and list(table.columns)[-2:] == ["rollout_psnr_gain_db", "u_r_context"]
+    assert f"wrote 4 sequences to {out}" in printed
+    assert all(f"{name:10} Spearman rho" in printed for name in ("u_r_norm", "u_f_norm", "u_s_norm", "u_r_context"))
