@@ -34,6 +34,10 @@ $LAB calibrate --model "$WORK/dynamics/world_model" --data "$WORK/data/val" --ou
   --sequences 300 --seeds 2
 $LAB calibrate --model "$WORK/dynamics/world_model" --data "$WORK/data/held_out" \
   --out "$WORK/calibration_held_out.csv" --sequences 160 --seeds 2
+# Both together, with our real-context round-trip residual (u_r_context) beside the paper's three predictors.
+$LAB calibrate --model "$WORK/dynamics/world_model" --data "$WORK/data/val" "$WORK/data/held_out" \
+  --out "$WORK/calibration_pooled.csv" --sequences 400 --seeds 2 --context-residual
 $LAB calibration-report "$WORK/calibration_val.csv" --per-task
 $LAB calibration-report "$WORK/calibration_held_out.csv" --per-task
+$LAB calibration-report "$WORK/calibration_pooled.csv"
 echo "trained model: $WORK/dynamics/world_model (copy it to mmbench2_lab/assets/bundled/ to ship it)"
