@@ -61,8 +61,8 @@ def test_notebook_03_runs_on_a_micro_model_and_real_episodes(sim_data, tmp_path,
     for name, rho in (("u_r_norm", "-0.808"), ("u_f_norm", "-0.785"), ("u_s_norm", "-0.796")):
         assert f"{name}   Spearman rho {rho}" in text
     assert "logistic   held-out tasks: rho" in text
-    # our model's table: one line per predictor after the paper's three
-    assert text.count("Spearman rho") == 6
+    # our model's table: one line per predictor (the paper's three and our u_r_context) after the paper's three
+    assert text.count("Spearman rho") == 7 and "u_r_context  Spearman rho" in text
     assert "pendulum-swingup: rollout dPSNR" in text
     figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                   for o in c.outputs)
