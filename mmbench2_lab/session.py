@@ -11,7 +11,8 @@ tau_init 0.125 from the previous latent, the last 24 latents as context, actions
 ``a <- 0.817 a + 0.183 a_raw``, keys ArrowRight/Left -> dim 0, ArrowUp/Down -> dim 1, d/a -> dim 2,
 w/s -> dim 3 (opposing keys cancel). Beyond the reference: side-by-side mode steps the real simulator with
 the same actions, guarded mode re-anchors the model on the real frame whenever the state is
-"hallucinating", and the context's keys and values are kept across steps (``sampler.ContextCache``) instead
+"hallucinating", every result carries ``scene_u_r``, the round-trip residual of the last real frame the
+rollout was anchored on (high on scenes the tokenizer cannot draw, which u_r of the predictions can miss), and the context's keys and values are kept across steps (``sampler.ContextCache``) instead
 of re-running the whole window every step.
 
 Threads: sessions are independent; inference is serialised by one lock per model (:func:`model_lock`),
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from mmbench2_lab.hallucination import HallucinationMonitor
-from mmbench2_lab.predictors import PREDICTORS, predict_next
+from mmbench2_lab.predictors import PREDICTORS, predict_next, round_trip_residual
 from mmbench2_lab.sampler import ContextCache
 from mmbench2_lab.tasks import ACTION_DIM, TaskSpec, get_task
 
@@ -203,17 +204,21 @@ class StepResult:
     real_reward: Optional[float] = None  # the simulator's reward (side-by-side)
     reanchored: bool = False  # guarded mode replaced this frame's latent by the real frame's
     paused: bool = False
+    scene_u_r: Optional[float] = None  # ours: u_r of the last real frame the rollout was anchored on
 
     def summary(self) -> str:
         """The normalised predictors in one line, e.g. "u_r_norm 1.02 · u_f_norm 0.31 · u_s_norm 0.08"."""
-        return " · ".join(f"{k}_norm {self.values[f'{k}_norm']:.2f}" for k in PREDICTORS if f"{k}_norm" in self.values)
+        parts = [f"{k}_norm {self.values[f'{k}_norm']:.2f}" for k in PREDICTORS if f"{k}_norm" in self.values]
+        if self.scene_u_r is not None:
+            parts.append(f"scene u_r {self.scene_u_r:.3f}")
+        return " · ".join(parts)
 
     def record(self, task: str, episode: int) -> dict:
         """This step as a JSON-ready dict (no pixels)."""
         return {"task": task, "episode": episode, "step": self.step, "state": self.state,
                 "action": [round(float(a), 6) for a in self.action], **self.values,
                 **{f"state_{k}": v for k, v in self.states.items()}, "reward": self.reward,
-                "real_reward": self.real_reward, "reanchored": self.reanchored}
+                "real_reward": self.real_reward, "reanchored": self.reanchored, "scene_u_r": self.scene_u_r}
 
 
 @dataclass
@@ -374,6 +379,7 @@ class RolloutSession:
         if self.guarded and state == "hallucinating":  # continue from the real frame instead
             with self._lock, torch.no_grad():
                 z = self._encode(real_frame[None])[-1]
+                self._scene_u_r = self._round_trip(z)
             reanchored = True
             self.reanchors += 1
         if cc is not None:
@@ -386,7 +392,7 @@ class RolloutSession:
                             action=a, values=values,
                             maps={k: v[0].float().cpu().numpy() for k, v in p.maps.items()},
                             state=state, states=states, reward=reward, real_reward=real_reward,
-                            reanchored=reanchored)
+                            reanchored=reanchored, scene_u_r=self._scene_u_r)
         return self._show(result)
 
     @_exclusive
@@ -472,6 +478,7 @@ class RolloutSession:
         with self._lock, torch.no_grad():
             latents = self._encode(frames[-self.ctx_window:])
             shown = self.model.decode(latents[-1:][None])[0, 0]
+            self._scene_u_r = self._round_trip(latents[-1])
         self._ep = _Episode(latents=list(latents), actions=[np.zeros(ACTION_DIM, np.float32)] * len(latents))
         if self.cache_context:
             cc = ContextCache(self.model.dynamics, self.ctx_window, tau_ctx=self.sampling["tau_ctx"],
@@ -487,7 +494,8 @@ class RolloutSession:
         self.records, self.recorded_frames = [], []
         state = "calibrating" if self.monitor.mode == "zscore" else "stable"
         return self._show(StepResult(step=0, frame=_to_uint8(shown), real_frame=real,
-                                     action=self._a_smooth.copy(), values={}, maps={}, state=state, states={}),
+                                     action=self._a_smooth.copy(), values={}, maps={}, state=state, states={},
+                                     scene_u_r=self._scene_u_r),
                           record=False)
 
     def _show(self, result: StepResult, record: bool = True) -> StepResult:
@@ -500,6 +508,10 @@ class RolloutSession:
                 picture = np.concatenate([picture, result.real_frame], axis=1)
             self.recorded_frames.append(picture)
         return result
+
+    def _round_trip(self, z: torch.Tensor) -> float:
+        """u_r of one real frame's latent (S, D): how far the scene sits from what the tokenizer can draw."""
+        return float(round_trip_residual(self.model.tokenizer, z[None])[0])
 
     def _encode(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> packed latents (T, S, D), encoded as one causal clip."""

@@ -8,6 +8,7 @@ import torch
 from _session_fixtures import OTHER_TASK, TASK, tiny_world_model
 from mmbench2_lab.envs import make_env
 from mmbench2_lab.hallucination import HallucinationMonitor
+from mmbench2_lab.predictors import round_trip_residual
 from mmbench2_lab.session import (SMOOTHING, STATE_COLOURS, RolloutSession, TaskNotRunnableError,
                                   action_from_keys, overlay, save_video, smooth_action)
 from mmbench2_lab.tasks import UnknownTaskError
@@ -196,6 +197,21 @@ def test_guarded_mode_reanchors_on_the_real_frame_when_hallucinating(model):
         with torch.no_grad():
             real = model.encode(torch.tensor(r.real_frame).permute(2, 0, 1)[None, None].float() / 255)[0, 0]
         torch.testing.assert_close(s.context[-1], real)
+        assert r.scene_u_r == pytest.approx(float(round_trip_residual(model.tokenizer, real[None])[0]), rel=1e-5)
+
+
+def test_every_step_reports_the_round_trip_of_the_real_frame_it_was_anchored_on(model):
+    env = make_env(TASK, size=64, seed=5)
+    first = env.reset()[0]
+    env.close()
+    with torch.no_grad():
+        z = model.encode(torch.tensor(first).permute(2, 0, 1)[None, None].float() / 255)[0, 0]
+        by_hand = float(round_trip_residual(model.tokenizer, z[None])[0])
+    with RolloutSession(model, TASK, seed=5) as s:
+        assert s.last.scene_u_r == pytest.approx(by_hand, rel=1e-5)
+        r = s.step()
+        assert r.scene_u_r == s.last.scene_u_r == pytest.approx(by_hand, rel=1e-5)
+        assert r.summary().endswith(f"scene u_r {by_hand:.3f}") and s.records[-1]["scene_u_r"] == r.scene_u_r
 
 
 def test_guarded_mode_leaves_a_stable_rollout_alone(model):
