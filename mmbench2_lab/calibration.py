@@ -424,7 +424,8 @@ def all_combined_stats(df: pd.DataFrame, k: int = 5, seed: int = 0) -> dict[str,
     ΔPSNR < 0)."""
     n_tasks = df["task"].nunique()
     gain = df[GAIN_COLUMN].to_numpy(dtype=float)
-    one_outcome = np.all(gain[np.isfinite(gain)] < 0) or np.all(gain[np.isfinite(gain)] >= 0)
+    hallucinating = gain[np.isfinite(gain)] < HALLUCINATION_THRESHOLD_DB
+    one_outcome = hallucinating.all() or not hallucinating.any()
     if len(predictor_columns(df)) < 2 or n_tasks < 2 or one_outcome:
         return {}
     return {c: combined_stats(df, c, min(k, n_tasks), seed) for c in COMBINERS}

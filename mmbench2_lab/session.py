@@ -12,8 +12,9 @@ tau_init 0.125 from the previous latent, the last 24 latents as context, actions
 w/s -> dim 3 (opposing keys cancel). Beyond the reference: side-by-side mode steps the real simulator with
 the same actions, guarded mode re-anchors the model on the real frame whenever the state is
 "hallucinating", every result carries ``scene_u_r``, the round-trip residual of the last real frame the
-rollout was anchored on (high on scenes the tokenizer cannot draw, which u_r of the predictions can miss), and the context's keys and values are kept across steps (``sampler.ContextCache``) instead
-of re-running the whole window every step.
+rollout was anchored on (high on scenes the tokenizer cannot draw, which u_r of the predictions can miss),
+and the context's keys and values are kept across steps (``sampler.ContextCache``) instead of re-running
+the whole window every step.
 
 Threads: sessions are independent; inference is serialised by one lock per model (:func:`model_lock`),
 and every simulator call runs on one dedicated thread, because MuJoCo's EGL contexts are bound to the
@@ -207,7 +208,8 @@ class StepResult:
     scene_u_r: Optional[float] = None  # ours: u_r of the last real frame the rollout was anchored on
 
     def summary(self) -> str:
-        """The normalised predictors in one line, e.g. "u_r_norm 1.02 · u_f_norm 0.31 · u_s_norm 0.08"."""
+        """The normalised predictors and the scene's round trip in one line,
+        e.g. "u_r_norm 1.02 · u_f_norm 0.31 · u_s_norm 0.08 · scene u_r 0.027"."""
         parts = [f"{k}_norm {self.values[f'{k}_norm']:.2f}" for k in PREDICTORS if f"{k}_norm" in self.values]
         if self.scene_u_r is not None:
             parts.append(f"scene u_r {self.scene_u_r:.3f}")
