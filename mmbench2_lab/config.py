@@ -135,6 +135,8 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear LR warmup steps")
     lr_decay: str = _opt("none", "after warmup: none (constant, the reference) or cosine (to 10% at `steps`)")
     grad_clip: float = _opt(1.0, "max gradient norm, applied per module")
+    ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, which evaluation and "
+                                 "export then use (0: off, as in the reference)")
     task_weighting: str = _opt("valid_starts", "valid_starts (frame-proportional), uniform (coverage-aware), "
                                                "or targeted")
     targeted_alpha: float = _opt(0.5, "targeted weighting: mass on the SEEN and UNSEEN tasks")

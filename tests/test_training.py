@@ -53,8 +53,8 @@ def test_tokenizer_training_reduces_the_loss_and_exports(sim_data, tmp_path):
 
 def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, tmp_path):
     steps = 24
-    # the cosine schedule and the all-patch loss (the CPU recipe) must resume exactly too
-    recipe = ["tokenizer_train.lr_decay=cosine", "tokenizer_train.recon_loss_on=all"]
+    # the cosine schedule, the all-patch loss and the weight average (the CPU recipe) must resume exactly too
+    recipe = ["tokenizer_train.lr_decay=cosine", "tokenizer_train.recon_loss_on=all", "tokenizer_train.ema_decay=0.9"]
     full = tmp_path / "full"
     assert cli(*train_args("train-tokenizer", sim_data, full, steps, recipe)).wait(timeout=300) == 0
 
@@ -77,6 +77,28 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, 
     # the resumed run re-logged the steps after the checkpoint instead of duplicating them
     steps_logged = [r["step"] for r in read_metrics(cut) if "train/loss" in r]
     assert steps_logged == sorted(set(steps_logged))
+
+
+def test_the_exported_weights_are_the_moving_average_of_the_steps(sim_data, tmp_path):
+    # Data and noise are functions of the step and the LR is constant, so a run of k steps is the first k
+    # steps of a longer one: runs of 1, 2, 3 steps give the raw weights W1, W2, W3 of each step.
+    constant = ["tokenizer_train.lr_decay=none"]
+    raw = []
+    for k in (1, 2, 3):
+        out = tmp_path / f"raw{k}"
+        assert cli(*train_args("train-tokenizer", sim_data, out, k, constant)).wait(timeout=300) == 0
+        raw.append(weights(out / "tokenizer", "tokenizer.safetensors"))
+    out = tmp_path / "ema"
+    assert cli(*train_args("train-tokenizer", sim_data, out, 3, [*constant, "tokenizer_train.ema_decay=0.5"])).wait(timeout=300) == 0
+    averaged = weights(out / "tokenizer", "tokenizer.safetensors")
+    w1, w2, w3 = raw
+    for k in averaged:  # E1 = W1, E2 = (E1 + W2) / 2, E3 = (E2 + W3) / 2
+        torch.testing.assert_close(averaged[k], 0.25 * w1[k] + 0.25 * w2[k] + 0.5 * w3[k], msg=k)
+    assert any(not torch.equal(averaged[k], w3[k]) for k in averaged), "the average equals the last step"
+    # training itself went on with the raw weights: the checkpoint holds W3 beside the average
+    ckpt = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    encoder_keys = [k for k in ckpt["modules"]["encoder"] if f"encoder.{k}" in w3]
+    assert encoder_keys and all(torch.equal(ckpt["modules"]["encoder"][k], w3[f"encoder.{k}"]) for k in encoder_keys)
 
 
 def test_torchrun_two_processes_match_one_process_at_equal_global_batch(sim_data, tmp_path):

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 # -- processes ----------------------------------------------------------------------------------
 
@@ -194,6 +195,39 @@ def clip_per_module(modules: dict[str, torch.nn.Module], max_norm: float) -> dic
         if params:
             norms[name] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return norms
+
+
+def averaged_models(modules: dict[str, torch.nn.Module], decay: float) -> dict[str, AveragedModel]:
+    """An EMA copy of each module (``decay`` in (0, 1)); none when ``decay`` is 0.
+
+    Averaging the last few hundred steps' weights smooths out the step-to-step noise of a short run at a
+    high learning rate, which is where the tiny preset lives.
+    """
+    if decay == 0:
+        return {}
+    if not 0 < decay < 1:
+        raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {decay}")
+    return {k: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(decay)) for k, m in modules.items()}
+
+
+@contextlib.contextmanager
+def averaged_weights(modules: dict[str, torch.nn.Module], averaged: dict[str, AveragedModel]):
+    """Temporarily load each module's averaged parameters into it (for evaluation and export)."""
+    if not averaged:
+        yield
+        return
+    saved = {k: [p.detach().clone() for p in m.parameters()] for k, m in modules.items()}
+    with torch.no_grad():
+        for k, m in modules.items():
+            for p, q in zip(m.parameters(), averaged[k].module.parameters(), strict=True):
+                p.copy_(q)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, m in modules.items():
+                for p, q in zip(m.parameters(), saved[k], strict=True):
+                    p.copy_(q)
 
 
 # -- checkpoints --------------------------------------------------------------------------------

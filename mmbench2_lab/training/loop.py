@@ -15,8 +15,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mmbench2_lab.config import Config
 from mmbench2_lab.data.sampling import task_weights
 from mmbench2_lab.training.engine import (Dist, EmaRms, MetricsLog, StepBatchSampler, StopFlag, atomic_save,
-                                          autocast_context, cleanup_distributed, clip_per_module,
-                                          load_run_checkpoint, step_seed, scheduled_lr)
+                                          autocast_context, averaged_models, averaged_weights,
+                                          cleanup_distributed, clip_per_module, load_run_checkpoint, step_seed,
+                                          scheduled_lr)
 
 
 def item_weights(dataset, mode: str, alpha: float = 0.5) -> torch.Tensor:
@@ -64,7 +65,8 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
     """Train ``stage`` to its ``steps`` (or until ``max_seconds``/SIGTERM), checkpointing as it goes.
 
     ``resume=True`` continues from ``<out_dir>/checkpoints/latest.pt`` exactly where it stopped (weights,
-    optimizer, loss normalisers, step; data and noise are functions of the step). Returns the export folder.
+    optimizer, loss normalisers, weight average, step; data and noise are functions of the step). With
+    ``ema_decay`` set, evaluation and export use the averaged weights. Returns the export folder.
     """
     cfg, d = stage.tc, stage.d
     out = Path(cfg.out_dir)
@@ -77,6 +79,7 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
     norms = stage.normalisers()
     for n in norms.values():
         n.to(d.device)
+    ema = averaged_models(mods, cfg.ema_decay)
 
     start = 0
     if resume:
@@ -92,6 +95,11 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
             opt.load_state_dict(ckpt["opt"])
             for k, n in norms.items():
                 n.load_state_dict(ckpt["normalisers"][k])
+            for k, e in ema.items():
+                if k not in ckpt.get("ema", {}):
+                    raise ValueError(f"{out} was trained without a weight average (ema_decay=0); resume it "
+                                     "with ema_decay=0 or start a new run in another out_dir")
+                e.load_state_dict(ckpt["ema"][k])
             start = int(ckpt["step"])
             metrics.truncate_after(start)
     if d.is_main:
@@ -111,7 +119,8 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
             return
         state = {"stage": stage.name, "step": step, "config": stage.config.to_dict(),
                  "modules": {k: m.state_dict() for k, m in mods.items()}, "opt": opt.state_dict(),
-                 "normalisers": {k: n.state_dict() for k, n in norms.items()}}
+                 "normalisers": {k: n.state_dict() for k, n in norms.items()},
+                 "ema": {k: e.state_dict() for k, e in ema.items()}}
         atomic_save(state, out / "checkpoints" / "latest.pt")
 
     bar = None
@@ -131,6 +140,8 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
             loss.backward()
             grad_norms = clip_per_module(mods, cfg.grad_clip)
             opt.step()
+            for k, e in ema.items():
+                e.update_parameters(mods[k])
             done = step + 1
             if bar is not None:
                 bar.update(1)
@@ -146,14 +157,16 @@ def run(stage: Stage, *, resume: bool = False, progress: bool = True, max_second
             if stop.requested or out_of_time:
                 break
             if d.is_main and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                metrics.log(done, stage.evaluate(done))
+                with averaged_weights(mods, ema):
+                    metrics.log(done, stage.evaluate(done))
     if bar is not None:
         bar.close()
     save(done)
     export_dir = out
     if not stop.requested and d.is_main:
-        # Finished (or out of its time budget): evaluate and export what was trained.
-        metrics.log(done, stage.evaluate(done))
-        export_dir = stage.export(out)
+        # Finished (or out of its time budget): evaluate and export what was trained (averaged, if asked).
+        with averaged_weights(mods, ema):
+            metrics.log(done, stage.evaluate(done))
+            export_dir = stage.export(out)
     cleanup_distributed()
     return export_dir
