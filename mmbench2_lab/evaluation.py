@@ -3,7 +3,9 @@
 - ``psnr``: 10 log10(1 / MSE) on [0, 1] pixels.
 - ``rollout_gain``: open-loop rollout from ground-truth context with ground-truth actions; the gain is
   PSNR(pred, gt) - PSNR(floor, gt) over the horizon, where the floor repeats the last context frame
-  (the paper's "scene-divergence threshold" is gain = 0). Reference ``run_dynamics_eval``: 8 + 16 frames.
+  (the paper's "scene-divergence threshold" is gain = 0). Reference ``run_dynamics_eval``: 8 + 16 frames,
+  one figure per batch from the MSE pooled over its sequences (``RolloutEval.pooled_gain_db``); the
+  calibration tables keep one gain per sequence.
 - ``action_attribution``: teacher-forced one-step latent MSE (K = 1) with the real actions, actions
   permuted across sequences, permuted in time, and zeroed; the ratios intervention / real say how much
   the model listens to actions (about 1 = "action marginalisation"). Noise is shared across conditions.
@@ -48,12 +50,21 @@ class RolloutEval:
     gain_db: torch.Tensor  # (B,) PSNR(pred) - PSNR(floor) over the horizon
     psnr_pred: torch.Tensor  # (B,)
     psnr_floor: torch.Tensor  # (B,)
+    mse_pred: torch.Tensor  # (B,) over the horizon, averaged over seeds
+    mse_floor: torch.Tensor  # (B,)
     pred: torch.Tensor  # (B, N, horizon, C, H, W) decoded predictions in [0, 1]
     truth: torch.Tensor  # (B, horizon, C, H, W)
     latents: torch.Tensor  # (B, N, horizon, S, D) sampled latents
     x1_traj: torch.Tensor  # (B, N, horizon, n_exec, S, D) clean predictions per Euler step
     context: torch.Tensor  # (B, ctx, S, D) encoded context
     shared_context: bool = False  # seeds branch from one history per step (latents[:, 0] is followed)
+
+    def pooled_gain_db(self, select: torch.Tensor | list[int] | None = None) -> float:
+        """dPSNR of the MSE pooled over (the ``select``-ed) sequences, as the reference's training eval
+        logs ``psnr_gain_over_floor_db``: fast-moving sequences weigh by their larger errors, where the
+        mean of per-sequence gains weighs a near-static scene's few-pixel error like any other."""
+        idx = slice(None) if select is None else select
+        return float(psnr(self.mse_pred[idx].mean()) - psnr(self.mse_floor[idx].mean()))
 
 
 @torch.no_grad()
@@ -80,7 +91,8 @@ def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: to
     mse_pred = ((ro.frames - truth[:, None]) ** 2).flatten(2).mean(-1).mean(1)  # (B,) mean over seeds
     mse_floor = ((frames[:, ctx - 1:ctx] - truth) ** 2).flatten(1).mean(-1)
     p, f = psnr(mse_pred), psnr(mse_floor)
-    return RolloutEval(gain_db=p - f, psnr_pred=p, psnr_floor=f, pred=ro.frames, truth=truth,
+    return RolloutEval(gain_db=p - f, psnr_pred=p, psnr_floor=f, mse_pred=mse_pred, mse_floor=mse_floor,
+                       pred=ro.frames, truth=truth,
                        latents=ro.latents, x1_traj=ro.x1_traj, context=context, shared_context=shared_context)
 
 

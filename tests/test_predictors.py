@@ -134,6 +134,22 @@ def test_rollout_predictors_score_each_step_against_the_history_it_was_sampled_f
         torch.testing.assert_close(p["u_s_norm"], p["u_s"] / p["motion"].clamp(min=1e-3))
 
 
+def test_rollout_gain_by_hand_per_window_and_pooled_as_the_reference_logs_it(wm, sim_data, threads_1):
+    from mmbench2_lab.data.windows import DynamicsWindows
+    from mmbench2_lab.evaluation import rollout_gain
+    it = [DynamicsWindows([sim_data], 7)[i] for i in range(3)]
+    obs, act, mask = (torch.stack([x[k] for x in it]) for k in ("obs", "act", "act_mask"))
+    ro = rollout_gain(wm, obs, act, mask, ctx=4, horizon=3, n_seeds=2, generator=torch.Generator().manual_seed(0))
+    frames = obs[:, :7].double() / 255
+    truth, last = frames[:, 4:], frames[:, 3:4]
+    mse_pred = ((ro.pred.double() - truth[:, None]) ** 2).mean((2, 3, 4, 5)).mean(1)
+    mse_floor = ((last - truth) ** 2).mean((1, 2, 3, 4))
+    db = lambda m: 10 * torch.log10(1 / m)
+    torch.testing.assert_close(ro.gain_db, db(mse_pred) - db(mse_floor), rtol=1e-4, atol=1e-4)
+    assert ro.pooled_gain_db() == pytest.approx(float(db(mse_pred.mean()) - db(mse_floor.mean())), abs=1e-4)
+    assert ro.pooled_gain_db([1]) == pytest.approx(float(ro.gain_db[1]), abs=1e-4)
+
+
 def test_calibrate_command_writes_the_table_and_reports_it(wm, sim_data, tmp_path, threads_1, capsys):
     from mmbench2_lab.calibration import load_calibration
     from mmbench2_lab.cli import main
