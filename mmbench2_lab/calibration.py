@@ -224,6 +224,25 @@ def calibration_stats(df: pd.DataFrame, n_bins: int = N_BINS) -> dict[str, Predi
     return {c: predictor_stats(df, c, n_bins) for c in predictor_columns(df)}
 
 
+def gain_range(df: pd.DataFrame, quantiles: tuple[float, float] = (0.05, 0.95)) -> tuple[float, float]:
+    """The ``quantiles`` of a table's finite ΔPSNR: the range its rollouts span, ignoring the extreme 10%."""
+    gain = df[GAIN_COLUMN].to_numpy(dtype=float)
+    lo, hi = np.quantile(gain[np.isfinite(gain)], quantiles)
+    return float(lo), float(hi)
+
+
+def in_gain_range(df: pd.DataFrame, lo: float, hi: float) -> pd.DataFrame:
+    """The rows whose ΔPSNR lies in [lo, hi].
+
+    ρ depends on how wide a range of outcomes a table spans: the paper's base model spans about -20 to
+    +26 dB, and its own ρ falls from -0.81 to about -0.4 on the rows within ±3 dB. Comparing a small model,
+    whose rollouts span a few dB, with the paper's table cut to the same range (``gain_range``) separates
+    "the predictors rank worse" from "there is less to rank".
+    """
+    gain = df[GAIN_COLUMN].to_numpy(dtype=float)
+    return df[(gain >= lo) & (gain <= hi)]
+
+
 def per_task_stats(df: pd.DataFrame) -> pd.DataFrame:
     """One row per task (table order): domain, n, hallucination rate, median ΔPSNR, and per predictor its
     median, ρ and AUROC (the medians compare tasks: a held-out task should score above the trained tasks

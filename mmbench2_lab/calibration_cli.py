@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmbench2_lab.calibration import (all_combined_stats, calibration_report, calibration_stats,
-                                          load_calibration, per_task_stats)
+    from mmbench2_lab.calibration import (all_combined_stats, calibration_report, calibration_stats, gain_range,
+                                          in_gain_range, load_calibration, paper_calibration, per_task_stats)
 
     df = load_calibration(args.csv)
     if args.json:
@@ -36,6 +36,14 @@ def run(args: argparse.Namespace) -> int:
               f"{s.zero_crossing:>10.3f}")
     print("(rho: Spearman of u vs rollout dPSNR; AUROC: u as a score for dPSNR < 0; "
           "0 dB at u: where the decile median dPSNR curve crosses 0)")
+    if args.csv:
+        lo, hi = gain_range(df)
+        paper = calibration_stats(in_gain_range(paper_calibration(), lo, hi))
+        shared = [c for c in stats if c in paper]
+        if shared:
+            print(f"\nthe paper's base model on its sequences within this table's dPSNR range ({lo:+.2f} to "
+                  f"{hi:+.2f} dB, 5th-95th percentile; n={paper[shared[0]].n}): "
+                  + ", ".join(f"{c} rho {paper[c].spearman:.3f}" for c in shared))
     if len(stats) >= 2 and not combined:
         print("\ncombined predictors: not computed (they need two or more tasks and sequences on both sides "
               "of dPSNR = 0)")

@@ -339,3 +339,21 @@ def test_cli_reports_a_table_of_few_tasks_or_one_outcome_without_the_combined_fi
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"u_r_norm", "u_f_norm", "u_s_norm"} and report["u_r_norm"]["auroc"] is None
     assert report["u_r_norm"]["spearman"] == pytest.approx(-1.0)
+
+
+def test_the_report_compares_with_the_paper_table_cut_to_the_same_dpsnr_range(paper, tmp_path, capsys):
+    from mmbench2_lab.calibration import gain_range, in_gain_range
+    rows = [(f"t{i % 4}", i, 1.0, float(i), float(i % 5), float(40 - i), -2.0 + 0.1 * i) for i in range(41)]
+    path = _write(tmp_path / "narrow.csv", CALIBRATION_COLUMNS, rows)
+    lo, hi = gain_range(load_calibration(path))
+    assert (lo, hi) == pytest.approx((-2.0 + 0.1 * 2, -2.0 + 0.1 * 38))  # 5th and 95th percentile of 41 values
+    cut = in_gain_range(paper, lo, hi)
+    gain = paper[GAIN_COLUMN]
+    assert len(cut) == int(((gain >= lo) & (gain <= hi)).sum()) and 0 < len(cut) < len(paper)
+    rho = calibration_stats(cut)["u_r_norm"].spearman
+    assert -0.7 < rho < -0.2, "a narrow range leaves the paper's u_r much less to rank than its -0.808"
+    assert main(["calibration-report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"dPSNR range ({lo:+.2f} to {hi:+.2f} dB" in out and f"u_r_norm rho {rho:.3f}" in out
+    assert main(["calibration-report"]) == 0  # the paper's own table is not compared with itself
+    assert "within this table's dPSNR range" not in capsys.readouterr().out
