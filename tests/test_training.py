@@ -79,6 +79,30 @@ def test_kill_9_then_resume_gives_the_weights_of_an_uninterrupted_run(sim_data, 
     assert steps_logged == sorted(set(steps_logged))
 
 
+def test_sigterm_checkpoints_the_step_it_reached_and_resume_finishes_like_an_uninterrupted_run(sim_data, tmp_path):
+    # constant LR, so that the total step count (unknown until the signal lands) does not change the schedule;
+    # interval checkpoints off, so the only checkpoint is the one SIGTERM writes
+    recipe = ["tokenizer_train.lr_decay=none", "tokenizer_train.ckpt_every=100000"]
+    cut = tmp_path / "cut"
+    proc = cli(*train_args("train-tokenizer", sim_data, cut, 100_000, recipe))
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and len(read_metrics(cut)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "SIGTERM ends the run cleanly"
+    reached = torch.load(cut / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    assert 3 <= reached < 100_000
+    assert not (cut / "tokenizer").exists(), "an interrupted run exports nothing"
+    assert max(r["step"] for r in read_metrics(cut)) <= reached
+
+    total = reached + 2
+    assert cli(*train_args("train-tokenizer", sim_data, cut, total, recipe), "--resume").wait(timeout=300) == 0
+    full = tmp_path / "full"
+    assert cli(*train_args("train-tokenizer", sim_data, full, total, recipe)).wait(timeout=300) == 0
+    a, b = weights(full / "tokenizer", "tokenizer.safetensors"), weights(cut / "tokenizer", "tokenizer.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_exported_weights_are_the_moving_average_of_the_steps(sim_data, tmp_path):
     # Data and noise are functions of the step and the LR is constant, so a run of k steps is the first k
     # steps of a longer one: runs of 1, 2, 3 steps give the raw weights W1, W2, W3 of each step.
@@ -137,6 +161,41 @@ def test_dynamics_training_on_a_frozen_tokenizer_runs_evaluates_and_exports(sim_
     exported = json.loads((out / "world_model" / "config.json").read_text())
     assert exported["tokenizer"]["d_model"] == 32 and model.config.dynamics.depth == 2
     assert exported["tokenizer_train"]["steps"] == 3, "the world model records how its tokenizer was trained"
+
+
+def test_finetuning_our_world_model_keeps_its_weights_and_adds_agent_tokens_and_heads(sim_data, tmp_path):
+    from mmbench2_lab.checkpoints import load_pretrained
+    from mmbench2_lab.training.dynamics import DynamicsStage
+    tok, base = tmp_path / "tok", tmp_path / "base"
+    assert cli(*train_args("train-tokenizer", sim_data, tok, 2)).wait(timeout=300) == 0
+    options = ["--tokenizer", str(tok / "tokenizer")]
+    assert cli(*train_args("train-dynamics", sim_data, base, 3, [], options)).wait(timeout=300) == 0
+    source = load_pretrained(str(base / "world_model")).state_dict()
+
+    heads = ["dynamics.n_agent=1", "dynamics.reward_head=true", "dynamics.bc_head=true",
+             "dynamics_train.reward_weight=1.0", "dynamics_train.bc_weight=1.0"]
+    config = preset("tiny", [*MICRO, *heads, f"dynamics_train.tokenizer_path={tok / 'tokenizer'}",
+                             f"dynamics_train.init_from={base / 'world_model'}"])
+    model = DynamicsStage(config).model.state_dict()
+    new = sorted(k for k in model if k not in source)
+    assert new and all(k.startswith(("dynamics.task_proj.", "reward_head.", "policy_head.")) for k in new), new
+    assert all(torch.equal(model[k], source[k]) for k in source), "every pretrained weight is loaded as it was"
+
+    tuned = tmp_path / "tuned"
+    extra = [*heads, f"dynamics_train.init_from={base / 'world_model'}"]
+    assert cli(*train_args("train-dynamics", sim_data, tuned, 2, extra, options)).wait(timeout=300) == 0
+    rows = [r for r in read_metrics(tuned) if "train/loss_rew" in r]
+    assert rows and all(r["train/loss_rew"] > 0 and r["train/loss_bc"] > 0 for r in rows)
+    exported = load_pretrained(str(tuned / "world_model"))
+    assert exported.reward_head is not None and exported.policy_head is not None
+
+    deeper = preset("tiny", [*MICRO, "dynamics.depth=3", f"dynamics_train.tokenizer_path={tok / 'tokenizer'}",
+                             f"dynamics_train.init_from={base / 'world_model'}"])
+    with pytest.raises(ValueError, match="lacks .* dynamics weights this config needs"):
+        DynamicsStage(deeper)
+    untrained_head = preset("tiny", [*MICRO, *heads[:3], f"dynamics_train.tokenizer_path={tok / 'tokenizer'}"])
+    with pytest.raises(ValueError, match="reward_weight is 0, so the head would never train"):
+        DynamicsStage(untrained_head)
 
 
 def test_bad_training_input_is_named(tmp_path, capsys):

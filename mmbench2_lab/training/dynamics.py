@@ -25,7 +25,7 @@ from mmbench2_lab.training.engine import Dist, EmaRms, step_generator
 from mmbench2_lab.training.loop import Stage, run
 
 # Keys a finetune may add to a pretrained dynamics (new agent tokens, heads); anything else must match.
-_ADDABLE = ("task_proj.", "reward_head.", "policy_head.")
+_ADDABLE = ("dynamics.task_proj.", "reward_head.", "policy_head.")
 
 
 def global_loss_draws(shape: tuple[int, int, int, int], b_self: int, k_max: int, generator: torch.Generator
@@ -86,6 +86,10 @@ class DynamicsStage(Stage):
         tok_config_file = Path(tc.tokenizer_path) / CONFIG_NAME
         if tok_config_file.is_file():  # the exported world model records how its tokenizer was trained
             config = dataclasses.replace(config, tokenizer_train=Config.load(tok_config_file).tokenizer_train)
+        for head, weight in (("reward_head", "reward_weight"), ("bc_head", "bc_weight")):
+            if getattr(config.dynamics, head) and getattr(tc, weight) <= 0:
+                raise ValueError(f"dynamics.{head} is on but dynamics_train.{weight} is 0, so the head would never "
+                                 f"train: set dynamics_train.{weight} (e.g. 1.0) or turn the head off")
         super().__init__(config, d)
         torch.manual_seed(tc.seed)
         self.model = WorldModel(config)
