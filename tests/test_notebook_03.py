@@ -63,6 +63,7 @@ def test_notebook_03_runs_on_a_micro_model_and_real_episodes(sim_data, tmp_path,
     assert "logistic   held-out tasks: rho" in text
     # our model's table: one line per predictor (the paper's three and our u_r_context) after the paper's three
     assert text.count("Spearman rho") == 7 and "u_r_context  Spearman rho" in text
+    assert "the paper's model on its sequences in our dPSNR range" in text
     assert "pendulum-swingup: rollout dPSNR" in text
     figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                   for o in c.outputs)
