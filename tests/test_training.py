@@ -182,8 +182,8 @@ def test_finetuning_our_world_model_keeps_its_weights_and_adds_agent_tokens_and_
     assert all(torch.equal(model[k], source[k]) for k in source), "every pretrained weight is loaded as it was"
 
     tuned = tmp_path / "tuned"
-    extra = [*heads, f"dynamics_train.init_from={base / 'world_model'}"]
-    assert cli(*train_args("train-dynamics", sim_data, tuned, 2, extra, options)).wait(timeout=300) == 0
+    options = [*options, "--init-from", str(base / "world_model")]
+    assert cli(*train_args("train-dynamics", sim_data, tuned, 2, heads, options)).wait(timeout=300) == 0
     rows = [r for r in read_metrics(tuned) if "train/loss_rew" in r]
     assert rows and all(r["train/loss_rew"] > 0 and r["train/loss_bc"] > 0 for r in rows)
     exported = load_pretrained(str(tuned / "world_model"))
@@ -196,6 +196,23 @@ def test_finetuning_our_world_model_keeps_its_weights_and_adds_agent_tokens_and_
     untrained_head = preset("tiny", [*MICRO, *heads[:3], f"dynamics_train.tokenizer_path={tok / 'tokenizer'}"])
     with pytest.raises(ValueError, match="reward_weight is 0, so the head would never train"):
         DynamicsStage(untrained_head)
+
+
+def test_finetuning_a_tokenizer_starts_from_its_weights_and_refuses_another_architecture(sim_data, tmp_path):
+    from mmbench2_lab.checkpoints import load_tokenizer
+    from mmbench2_lab.training.tokenizer import TokenizerStage
+    base = tmp_path / "base"
+    assert cli(*train_args("train-tokenizer", sim_data, base, 2)).wait(timeout=300) == 0
+    source = load_tokenizer(base / "tokenizer")[0].state_dict()
+    stage = TokenizerStage(preset("tiny", [*MICRO, f"tokenizer_train.init_from={base / 'tokenizer'}"]))
+    assert all(torch.equal(v, source[k]) for k, v in stage.tokenizer.state_dict().items())
+    tuned = tmp_path / "tuned"
+    assert cli(*train_args("train-tokenizer", sim_data, tuned, 1, [], ["--init-from", str(base / "tokenizer")])
+               ).wait(timeout=300) == 0
+    assert json.loads((tuned / "config.json").read_text())["tokenizer_train"]["init_from"] == str(base / "tokenizer")
+    wider = preset("tiny", [*MICRO, "tokenizer.d_model=64", f"tokenizer_train.init_from={base / 'tokenizer'}"])
+    with pytest.raises(ValueError, match="tokenizer_train.init_from .* does not match the model built from its config"):
+        TokenizerStage(wider)
 
 
 def test_bad_training_input_is_named(tmp_path, capsys):

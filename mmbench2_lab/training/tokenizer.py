@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from mmbench2_lab.checkpoints import save_tokenizer
+from mmbench2_lab.checkpoints import load_tokenizer, save_tokenizer
 from mmbench2_lab.config import Config
 from mmbench2_lab.data.windows import TokenizerWindows
 from mmbench2_lab.evaluation import psnr
 from mmbench2_lab.model.layers import patchify
 from mmbench2_lab.model.tokenizer import Tokenizer
+from mmbench2_lab.model.world_model import load_strict
 from mmbench2_lab.tasks import all_tasks
 from mmbench2_lab.training.engine import Dist, EmaRms, rank_slice, step_generator
 from mmbench2_lab.training.loop import Stage
@@ -59,6 +60,10 @@ class TokenizerStage(Stage):
                              f"{config.tokenizer_train.recon_loss_on!r}")
         torch.manual_seed(config.tokenizer_train.seed)
         self.tokenizer = Tokenizer(config.tokenizer)
+        if config.tokenizer_train.init_from:  # finetune: every weight must match this architecture
+            source, _ = load_tokenizer(config.tokenizer_train.init_from)
+            load_strict(self.tokenizer, source.state_dict(), f"tokenizer_train.init_from "
+                                                              f"{config.tokenizer_train.init_from}")
         self.rms = EmaRms()
         self._val = None
 

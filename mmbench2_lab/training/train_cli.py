@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", nargs="+", default=None, help="held-out data directories")
     parser.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, exported weights)")
     parser.add_argument("--tokenizer", help="train-dynamics: the frozen tokenizer (folder or official tokenizer.pt)")
+    parser.add_argument("--init-from", help="finetune: start from these weights (our run's export or official "
+                                            "files); train-dynamics may add agent tokens and heads to them")
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--weighting", choices=("valid_starts", "uniform", "targeted"),
                         help="task weighting: valid_starts (frame-proportional), uniform (coverage-aware), targeted")
@@ -31,7 +33,7 @@ def config_from_args(args: argparse.Namespace, section: str) -> Config:
     """The run's config: preset or file, then the named options, then --set overrides."""
     cfg = Config.load(args.config) if args.config else preset(args.preset)
     named = {"data_dirs": args.data, "val_dirs": args.val, "out_dir": args.out, "steps": args.steps,
-             "task_weighting": args.weighting,
+             "task_weighting": args.weighting, "init_from": args.init_from,
              "tokenizer_path": getattr(args, "tokenizer", None) if section == "dynamics_train" else None}
     return cfg.override({f"{section}.{k}": v for k, v in named.items() if v is not None}).override(args.set)
 
