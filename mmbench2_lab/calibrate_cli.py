@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--independent-seeds", action="store_true",
                         help="roll each seed out on its own (u_s then also grows as the rollouts diverge); "
                              "default: every step's seeds branch from one followed history, as the reference")
+    parser.add_argument("--seed-context-noise", action="store_true",
+                        help="draw the context corruption (tau_ctx) per seed, as the reference's sampler does, "
+                             "so u_s also measures sensitivity to the past; default: one draw shared by the "
+                             "seeds (one context pass, cheaper)")
     parser.add_argument("--context-residual", action="store_true",
                         help="add a u_r_context column (ours, beyond the paper): the round-trip residual of the "
                              "last real context frame, high on scenes the tokenizer cannot draw")
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
                               lang_dim=model.config.dynamics.lang_dim)
     rows = calibration_table(model, windows, n_sequences=args.sequences, ctx=args.ctx, horizon=args.horizon,
                              n_seeds=args.seeds, batch_size=args.batch_size,
-                             shared_context=not args.independent_seeds, context_residual=args.context_residual)
+                             shared_context=not args.independent_seeds, context_residual=args.context_residual,
+                             seed_context_noise=args.seed_context_noise)
     path = write_calibration_csv(rows, args.out)
     print(f"wrote {len(rows)} sequences to {path}")
     for name, s in calibration_stats(load_calibration(path)).items():

@@ -70,7 +70,8 @@ class RolloutEval:
 @torch.no_grad()
 def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: torch.Tensor, *, ctx: int = 8,
                  horizon: int = 16, n_seeds: int = 1, steps: int | None = None, tau_ctx: float | None = None,
-                 generator: torch.Generator | None = None, shared_context: bool = False) -> RolloutEval:
+                 generator: torch.Generator | None = None, shared_context: bool = False,
+                 seed_context_noise: bool = False) -> RolloutEval:
     """Open-loop rollout dPSNR over the repeat-last-frame floor; the gain is averaged over seeds' MSE.
 
     Seeds are independent rollouts, or with ``shared_context`` N samples per step from one followed
@@ -86,7 +87,8 @@ def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: to
     actions, mask = window_actions(act, act_mask, n)
     context = world_model.encode(frames[:, :ctx])
     ro = rollout(world_model, context, actions, horizon, n_seeds=n_seeds, act_mask=mask, steps=steps,
-                 tau_ctx=tau_ctx, generator=generator, shared_context=shared_context)
+                 tau_ctx=tau_ctx, generator=generator, shared_context=shared_context,
+                 seed_context_noise=seed_context_noise)
     truth = frames[:, ctx:]
     mse_pred = ((ro.frames - truth[:, None]) ** 2).flatten(2).mean(-1).mean(1)  # (B,) mean over seeds
     mse_floor = ((frames[:, ctx - 1:ctx] - truth) ** 2).flatten(1).mean(-1)
@@ -168,7 +170,8 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
 def calibration_table(world_model, windows, *, n_sequences: int | None = None, ctx: int = 8, horizon: int = 16,
                       n_seeds: int = 2, batch_size: int = 16, attribution_positions: int | None = 8,
                       seed: int = 0, progress: bool = True, return_traces: bool = False,
-                      shared_context: bool = True, context_residual: bool = False):
+                      shared_context: bool = True, context_residual: bool = False,
+                      seed_context_noise: bool = False):
     """Per-sequence calibration rows, in the columns of the paper's ``calibration_perseq_base.csv``.
 
     windows: a ``DynamicsWindows`` of seq_len >= ctx + horizon - 1 (typically held-out episodes).
@@ -176,6 +179,8 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
     of each normalised predictor, and the action-shuffle ratio (one-step MSE with actions permuted across
     the batch / real). By default each step's seeds branch from one followed history (``shared_context``),
     as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own.
+    ``seed_context_noise`` gives each seed its own context corruption, as the reference's sampler draws it
+    (default: one draw for all seeds and one context pass).
     ``n_sequences`` picks that many evenly spaced windows (default: all). With ``return_traces`` also
     returns the per-frame (B, horizon) predictor values of every sequence. ``context_residual`` adds
     ``u_r_context`` (ours, not the paper's): the round-trip residual of the last real context latent, which
@@ -202,7 +207,7 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
         obs, act, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("obs", "act", "act_mask"))
         g = torch.Generator(device=device).manual_seed(seed + start)
         ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g,
-                          shared_context=shared_context)
+                          shared_context=shared_context, seed_context_noise=seed_context_noise)
         pred = rollout_predictors(world_model, ro)
         if context_residual:
             u_context = round_trip_residual(world_model.tokenizer, ro.context[:, -1])

@@ -135,13 +135,15 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
                 tau_init: float = 0.0, z_prev: Optional[torch.Tensor] = None,
                 lang_emb: Optional[torch.Tensor] = None, kv_cache: bool = True,
                 noise: Optional[tuple] = None, generator: Optional[torch.Generator] = None,
-                n_seeds: int = 1, amp: str = "none", context_cache: Optional["ContextCache"] = None) -> Sample:
+                n_seeds: int = 1, amp: str = "none", context_cache: Optional["ContextCache"] = None,
+                seed_context_noise: bool = False) -> Sample:
     """Sample the frame after ``context`` for every batch row.
 
     ``n_seeds`` > 1 samples that many seeds per row (output rows b * n_seeds + n) that share one context
     corruption and, with the KV cache, one context prefill: the seeds differ only in the new frame's
-    noise. (The reference expands the context first, drawing its corruption per seed; pass expanded
-    tensors with n_seeds = 1 for that.) All other tensors are given per row (B, ...). ``amp`` autocasts the
+    noise. ``seed_context_noise`` draws the context corruption per seed instead, as the reference does (it
+    expands the context rows before sampling): each seed then also sees its own corrupted past, at the cost
+    of one context pass per seed. All other tensors are given per row (B, ...). ``amp`` autocasts the
     dynamics on GPU (fp16 / bf16); its outputs are cast back to the latents' dtype.
 
     context: (B, t, n_spatial, d_spatial) packed latents (t may be 0); actions: (B, t+1, A) led-to, so
@@ -159,6 +161,10 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
         raise ValueError(f"actions must be (B, t+1, A) = ({B}, {t + 1}, A) for a context of {t} frames, "
                          f"got {tuple(actions.shape)}")
     N = max(1, int(n_seeds))
+    if seed_context_noise and N > 1 and tau_ctx > 0.0 and t > 0 and context_cache is None and noise is None:
+        context, actions, lang_emb, z_prev = (expand_seeds(x, N) for x in (context, actions, lang_emb, z_prev))
+        act_mask = act_mask if act_mask is None or act_mask.dim() == 1 else expand_seeds(act_mask, N)
+        B, N = B * N, 1  # rows b * N + n, as the shared-context seeds
     sched = shortcut_schedule(steps, cfg.k_max)
     e, dt, emax = sched["e"], sched["dt"], cfg.emax
     if context_cache is not None and (context_cache.length != t or not kv_cache):
@@ -241,7 +247,7 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
             steps: Optional[int] = None, tau_ctx: Optional[float] = None, tau_init: Optional[float] = None,
             ctx_window: Optional[int] = None, kv_cache: Optional[bool] = None,
             generator: Optional[torch.Generator] = None, decode: bool = True,
-            shared_context: bool = False) -> Rollout:
+            shared_context: bool = False, seed_context_noise: bool = False) -> Rollout:
     """Roll the dynamics forward ``horizon`` frames, each conditioned on the last ``ctx_window`` latents.
 
     context_latents: (B, t0, n_spatial, d_spatial), t0 >= 1; actions: (B, t0 + horizon, A) led-to
@@ -250,7 +256,8 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
     latent. Each seed is an independent rollout, unless ``shared_context``: then at every step the N seeds
     sample from one shared history (one context pass), which continues with seed 0's sample, so the seeds'
     spread is the one-step uncertainty the reference's scorers measure (u_s), not the divergence of
-    independent rollouts. latents[:, 0] is then the followed trajectory.
+    independent rollouts. latents[:, 0] is then the followed trajectory. ``seed_context_noise``: see
+    :func:`sample_next`.
     """
     sc = world_model.config.sampler
     steps = sc.steps if steps is None else steps
@@ -278,7 +285,8 @@ def rollout(world_model, context_latents: torch.Tensor, actions: Optional[torch.
         out = sample_next(world_model.dynamics, hist[:, s:t], None if acts is None else acts[:, s:t + 1],
                           mask if mask is None or mask.dim() == 1 else mask[:, s:t + 1], steps=steps,
                           tau_ctx=tau_ctx, tau_init=tau_init, z_prev=hist[:, t - 1], lang_emb=lang,
-                          kv_cache=kv_cache, generator=generator, amp=sc.amp, n_seeds=per_step)
+                          kv_cache=kv_cache, generator=generator, amp=sc.amp, n_seeds=per_step,
+                          seed_context_noise=seed_context_noise)
         hist[:, t] = out.z[::per_step]  # rows b * N + n: each history row follows its first seed
         samples.append(out.z)
         trajs.append(out.x1_traj)

@@ -162,3 +162,16 @@ def test_calibrate_command_writes_the_table_and_reports_it(wm, sim_data, tmp_pat
     assert len(table) == 4 and list(table.columns)[-2:] == ["rollout_psnr_gain_db", "u_r_context"]
     assert f"wrote 4 sequences to {out}" in printed
     assert all(f"{name:10} Spearman rho" in printed for name in ("u_r_norm", "u_f_norm", "u_s_norm", "u_r_context"))
+    # each seed with its own corrupted context (the reference's draw) changes the seeds' spread, for a model
+    # whose prediction depends on its context (a fresh flow head is zero: draw it at random)
+    listening = WorldModel(wm.config).eval()
+    listening.load_state_dict(wm.state_dict())
+    torch.nn.init.normal_(listening.dynamics.flow_x_head.weight, std=0.3)
+    listening.save_pretrained(tmp_path / "listening")
+    spreads = []
+    for flag in ([], ["--seed-context-noise"]):
+        path = tmp_path / f"listening{len(flag)}.csv"
+        assert main(["calibrate", "--model", str(tmp_path / "listening"), "--data", str(sim_data), "--out",
+                     str(path), "--sequences", "4", "--ctx", "4", "--horizon", "4", *flag]) == 0
+        spreads.append(load_calibration(path)["u_s_norm"])
+    assert not spreads[0].equals(spreads[1])

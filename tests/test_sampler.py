@@ -202,3 +202,17 @@ def test_seeds_sharing_one_context_pass_match_expanded_rows(wm):
     torch.testing.assert_close(shared.z, uncached.z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.z, expanded.z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.x1_traj, expanded.x1_traj, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_context_noise_draws_each_seeds_own_corrupted_context_as_the_reference(wm):
+    """The reference expands the context rows before sampling, so each seed gets its own tau_ctx noise."""
+    ctx, actions = _inputs(wm)
+    N = 3
+    per_seed = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, n_seeds=N, seed_context_noise=True,
+                           generator=torch.Generator().manual_seed(7))
+    expanded = sample_next(wm.dynamics, expand_seeds(ctx, N), expand_seeds(actions, N), steps=4, tau_ctx=0.1,
+                           generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(per_seed.z, expanded.z, atol=1e-5, rtol=1e-5)
+    shared = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, n_seeds=N,
+                         generator=torch.Generator().manual_seed(7))
+    assert shared.z.shape == per_seed.z.shape and not torch.allclose(shared.z, per_seed.z)
