@@ -47,17 +47,19 @@ def window_actions(act: torch.Tensor, act_mask: torch.Tensor, n_frames: int) -> 
 
 @dataclass
 class RolloutEval:
-    gain_db: torch.Tensor  # (B,) PSNR(pred) - PSNR(floor) over the horizon
-    psnr_pred: torch.Tensor  # (B,)
-    psnr_floor: torch.Tensor  # (B,)
     mse_pred: torch.Tensor  # (B,) over the horizon, averaged over seeds
-    mse_floor: torch.Tensor  # (B,)
+    mse_floor: torch.Tensor  # (B,) of the repeat-last-frame floor
     pred: torch.Tensor  # (B, N, horizon, C, H, W) decoded predictions in [0, 1]
     truth: torch.Tensor  # (B, horizon, C, H, W)
     latents: torch.Tensor  # (B, N, horizon, S, D) sampled latents
     x1_traj: torch.Tensor  # (B, N, horizon, n_exec, S, D) clean predictions per Euler step
     context: torch.Tensor  # (B, ctx, S, D) encoded context
     shared_context: bool = False  # seeds branch from one history per step (latents[:, 0] is followed)
+
+    @property
+    def gain_db(self) -> torch.Tensor:
+        """(B,) PSNR(pred) - PSNR(floor) over the horizon, one per sequence."""
+        return psnr(self.mse_pred) - psnr(self.mse_floor)
 
     def pooled_gain_db(self, select: torch.Tensor | list[int] | None = None) -> float:
         """dPSNR of the MSE pooled over (the ``select``-ed) sequences, as the reference's training eval
@@ -92,9 +94,7 @@ def rollout_gain(world_model, obs: torch.Tensor, act: torch.Tensor, act_mask: to
     truth = frames[:, ctx:]
     mse_pred = ((ro.frames - truth[:, None]) ** 2).flatten(2).mean(-1).mean(1)  # (B,) mean over seeds
     mse_floor = ((frames[:, ctx - 1:ctx] - truth) ** 2).flatten(1).mean(-1)
-    p, f = psnr(mse_pred), psnr(mse_floor)
-    return RolloutEval(gain_db=p - f, psnr_pred=p, psnr_floor=f, mse_pred=mse_pred, mse_floor=mse_floor,
-                       pred=ro.frames, truth=truth,
+    return RolloutEval(mse_pred=mse_pred, mse_floor=mse_floor, pred=ro.frames, truth=truth,
                        latents=ro.latents, x1_traj=ro.x1_traj, context=context, shared_context=shared_context)
 
 

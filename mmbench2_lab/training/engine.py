@@ -216,18 +216,19 @@ def averaged_weights(modules: dict[str, torch.nn.Module], averaged: dict[str, Av
     if not averaged:
         yield
         return
-    saved = {k: [p.detach().clone() for p in m.parameters()] for k, m in modules.items()}
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def load(params: dict[str, Iterable[torch.Tensor]]) -> None:
         for k, m in modules.items():
-            for p, q in zip(m.parameters(), averaged[k].module.parameters(), strict=True):
+            for p, q in zip(m.parameters(), params[k], strict=True):
                 p.copy_(q)
+
+    saved = {k: [p.detach().clone() for p in m.parameters()] for k, m in modules.items()}
+    load({k: a.module.parameters() for k, a in averaged.items()})
     try:
         yield
     finally:
-        with torch.no_grad():
-            for k, m in modules.items():
-                for p, q in zip(m.parameters(), saved[k], strict=True):
-                    p.copy_(q)
+        load(saved)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
