@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-residual", action="store_true",
                         help="add a u_r_context column (ours, beyond the paper): the round-trip residual of the "
                              "last real context frame, high on scenes the tokenizer cannot draw")
+    parser.add_argument("--motion", choices=("predicted", "truth"), default="predicted",
+                        help="the m that normalises u: predicted (the released code's RMS(z_hat - z_prev), all a "
+                             "live rollout has) or truth (measured on the real frames; the paper's table looks "
+                             "normalised this way, see evaluation.MOTION_REFERENCES)")
+    parser.add_argument("--motion-baseline", action="store_true",
+                        help="add a u_const_norm column (ours): 1 / m alone, what the normaliser scores without "
+                             "any predictor, to read the predictors' rho against")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -47,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     rows = calibration_table(model, windows, n_sequences=args.sequences, ctx=args.ctx, horizon=args.horizon,
                              n_seeds=args.seeds, batch_size=args.batch_size,
                              shared_context=not args.independent_seeds, context_residual=args.context_residual,
-                             seed_context_noise=args.seed_context_noise)
+                             seed_context_noise=args.seed_context_noise, motion_ref=args.motion,
+                             motion_baseline=args.motion_baseline)
     path = write_calibration_csv(rows, args.out)
-    print(f"wrote {len(rows)} sequences to {path}")
+    print(f"wrote {len(rows)} sequences to {path} (u normalised by the {args.motion} motion)")
     for name, s in calibration_stats(load_calibration(path)).items():
         print(f"  {name:10} Spearman rho {s.spearman:+.3f}  AUROC {s.auroc:.3f}  (n={s.n})")
     return 0

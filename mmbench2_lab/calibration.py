@@ -34,9 +34,12 @@ REQUIRED_COLUMNS = ("task", "seq_idx", GAIN_COLUMN)
 # The paper's per-sequence CSV, in its column order; write_calibration_csv writes exactly these.
 CALIBRATION_COLUMNS = ("task", "seq_idx", "action_shuffle_ratio", "u_r_norm", "u_f_norm", "u_s_norm",
                        GAIN_COLUMN)
-# Ours, beyond the paper: the round-trip residual of the last *real* context frame (how unfamiliar the scene
-# is to the tokenizer), written after the paper's columns when asked for.
+# Ours, beyond the paper, written after the paper's columns when asked for: the round-trip residual of the
+# last *real* context frame (how unfamiliar the scene is to the tokenizer), and the motion normaliser alone
+# (1 / m: what a constant u scores once normalised, the baseline a normalised predictor has to beat).
 CONTEXT_RESIDUAL_COLUMN = "u_r_context"
+MOTION_BASELINE_COLUMN = "u_const_norm"
+OPTIONAL_COLUMNS = (CONTEXT_RESIDUAL_COLUMN, MOTION_BASELINE_COLUMN)
 HALLUCINATION_THRESHOLD_DB = 0.0  # ΔPSNR below this is a hallucination (scene divergence)
 N_BINS = 10  # the paper's median curves: 10 equal-count bins of the predictor
 
@@ -106,15 +109,14 @@ def paper_calibration() -> pd.DataFrame:
 
 
 def write_calibration_csv(rows: Iterable[Mapping[str, object]], path: str | os.PathLike) -> Path:
-    """Write rows (mappings with exactly ``CALIBRATION_COLUMNS``, optionally all with
-    ``CONTEXT_RESIDUAL_COLUMN`` too) as a CSV in the paper's column order, that column last.
+    """Write rows (mappings with exactly ``CALIBRATION_COLUMNS``, optionally all with some of
+    ``OPTIONAL_COLUMNS`` too) as a CSV in the paper's column order, ours after them.
 
     Written to a temporary file and renamed, so a reader never sees half a table. Returns the path.
     """
     path = Path(path)
     rows = list(rows)
-    columns = CALIBRATION_COLUMNS + ((CONTEXT_RESIDUAL_COLUMN,) if rows and CONTEXT_RESIDUAL_COLUMN in rows[0]
-                                     else ())
+    columns = CALIBRATION_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if rows and c in rows[0])
     for i, row in enumerate(rows):
         missing = [c for c in columns if c not in row]
         extra = [c for c in row if c not in columns]
@@ -241,6 +243,23 @@ def in_gain_range(df: pd.DataFrame, lo: float, hi: float) -> pd.DataFrame:
     """
     gain = df[GAIN_COLUMN].to_numpy(dtype=float)
     return df[(gain >= lo) & (gain <= hi)]
+
+
+def predictor_agreement(df: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Spearman ρ between each pair of predictor columns, over the rows where both are finite.
+
+    Near 1, two predictors rank the sequences alike and are one signal, not two: on the paper's table the
+    three normalised predictors agree at 0.97 to 0.99, so a normaliser they share (1 / m) can carry most of
+    each one's ρ against ΔPSNR.
+    """
+    predictors = predictor_columns(df)
+    out = {}
+    for i, a in enumerate(predictors):
+        for b in predictors[i + 1:]:
+            u, v = df[a].to_numpy(dtype=float), df[b].to_numpy(dtype=float)
+            keep = np.isfinite(u) & np.isfinite(v)
+            out[(a, b)] = spearman_rho(u[keep], v[keep])
+    return out
 
 
 def per_task_stats(df: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmbench2_lab.calibration import (all_combined_stats, calibration_report, calibration_stats, gain_range,
-                                          in_gain_range, load_calibration, paper_calibration, per_task_stats)
+                                          in_gain_range, load_calibration, paper_calibration, per_task_stats,
+                                          predictor_agreement)
 
     df = load_calibration(args.csv)
     if args.json:
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
               f"{s.zero_crossing:>10.3f}")
     print("(rho: Spearman of u vs rollout dPSNR; AUROC: u as a score for dPSNR < 0; "
           "0 dB at u: where the decile median dPSNR curve crosses 0)")
+    agreement = predictor_agreement(df)
+    if agreement:
+        print("agreement between predictors (Spearman; near 1 = one signal): "
+              + ", ".join(f"{a}~{b} {rho:.3f}" for (a, b), rho in agreement.items()))
     if args.csv:
         lo, hi = gain_range(df)
         paper = calibration_stats(in_gain_range(paper_calibration(), lo, hi))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmbench2_lab.calibration import CONTEXT_RESIDUAL_COLUMN, MOTION_BASELINE_COLUMN
 from mmbench2_lab.flow_matching import led_to_actions
 from mmbench2_lab.predictors import PREDICTORS, flow_instability, motion, normalise, round_trip_residual
 from mmbench2_lab.sampler import rollout, sample_next
@@ -142,7 +143,8 @@ def action_attribution(world_model, obs: torch.Tensor, act: torch.Tensor, act_ma
     return out
 
 
-def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
+def rollout_predictors(world_model, ro: RolloutEval, motion_ref: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Per-frame predictors of a multi-seed rollout: each (B, horizon).
 
     As the reference scores a prediction (``URNormScorer``, ``CrossSeedScorer``): u_r on the mean over
@@ -150,13 +152,14 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
     step's flow instability; ``*_norm`` = u / max(m, 1e-3). z_prev is the history the step was sampled
     from: the followed seed's previous latent for a ``shared_context`` rollout (the reference's setting:
     u_s is one-step uncertainty), else the previous seed mean (u_s then also grows as independent rollouts
-    diverge). The first step's z_prev is the last context latent.
+    diverge). The first step's z_prev is the last context latent. ``motion_ref`` (B, horizon) replaces the
+    predicted m, e.g. with :func:`true_motion` (then ``motion`` holds it).
     """
     B, N, H = ro.latents.shape[:3]
     mean = ro.latents.mean(1)  # (B, H, S, D)
     followed = ro.latents[:, 0] if ro.shared_context else mean
     prev = torch.cat([ro.context[:, -1:], followed[:, :-1]], dim=1)
-    m = motion(mean, prev)
+    m = motion(mean, prev) if motion_ref is None else motion_ref
     u_s = ro.latents.var(1).mean((-2, -1)) if N >= 2 else torch.zeros(B, H, device=mean.device)
     x1 = ro.x1_traj.permute(3, 0, 1, 2, 4, 5).flatten(1, 3)  # (n_exec, B*N*H, S, D)
     u_f = flow_instability(x1).reshape(B, N, H).mean(1)
@@ -167,11 +170,29 @@ def rollout_predictors(world_model, ro: RolloutEval) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def true_motion(world_model, obs: torch.Tensor, ctx: int, horizon: int) -> torch.Tensor:
+    """m_t = RMS(Enc(x_t) - Enc(x_t-1)) of the real frames over the horizon: (B, >= ctx+horizon, C, H, W) ->
+    (B, horizon). The frames are encoded jointly (causal), as the rollout's context was. Evaluation only: a
+    live rollout has no real next frame."""
+    z = world_model.encode(to_unit(obs[:, :ctx + horizon]))
+    return motion(z[:, ctx:], z[:, ctx - 1:-1])
+
+
+# Which m divides the per-sequence predictors of a calibration table. "predicted" is the released code's
+# m = RMS(z_hat - z_prev) (the only one a live rollout has). "truth" measures m on the real frames: the
+# paper's table has nan in all three predictors on 201 sequences, every one a near-static clip the floor
+# repeats almost exactly (dPSNR -65 to -95 dB), which a real-frame m (exactly 0 there, u / 0) gives and a
+# predicted m never does; the reference's evaluation code is not released, so this is inferred.
+MOTION_REFERENCES = ("predicted", "truth")
+
+
+@torch.no_grad()
 def calibration_table(world_model, windows, *, n_sequences: int | None = None, ctx: int = 8, horizon: int = 16,
                       n_seeds: int = 2, batch_size: int = 16, attribution_positions: int | None = 8,
                       seed: int = 0, progress: bool = True, return_traces: bool = False,
                       shared_context: bool = True, context_residual: bool = False,
-                      seed_context_noise: bool = False):
+                      seed_context_noise: bool = False, motion_ref: str = "predicted",
+                      motion_baseline: bool = False):
     """Per-sequence calibration rows, in the columns of the paper's ``calibration_perseq_base.csv``.
 
     windows: a ``DynamicsWindows`` of seq_len >= ctx + horizon - 1 (typically held-out episodes).
@@ -181,12 +202,17 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
     as the reference's scorers draw them; ``shared_context=False`` rolls every seed out on its own.
     ``seed_context_noise`` gives each seed its own context corruption, as the reference's sampler draws it
     (default: one draw for all seeds and one context pass).
+    ``motion_ref`` picks the m of the ``*_norm`` columns (see ``MOTION_REFERENCES``); ``motion_baseline``
+    adds ``u_const_norm`` (ours): the mean of 1 / max(m, 1e-3), what a constant u scores once normalised, so
+    a predictor's rho can be read against what the normaliser alone gives.
     ``n_sequences`` picks that many evenly spaced windows (default: all). With ``return_traces`` also
     returns the per-frame (B, horizon) predictor values of every sequence. ``context_residual`` adds
     ``u_r_context`` (ours, not the paper's): the round-trip residual of the last real context latent, which
     rises on scenes the tokenizer cannot draw even when the model confidently repaints them into familiar,
     on-manifold predictions that the paper's u_r does not flag.
     """
+    if motion_ref not in MOTION_REFERENCES:
+        raise ValueError(f"motion_ref {motion_ref!r}: expected one of {', '.join(MOTION_REFERENCES)}")
     n_total = len(windows)
     idx = (list(range(n_total)) if n_sequences is None or n_sequences >= n_total else
            torch.linspace(0, n_total - 1, n_sequences).round().long().unique().tolist())
@@ -208,7 +234,9 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
         g = torch.Generator(device=device).manual_seed(seed + start)
         ro = rollout_gain(world_model, obs, act, mask, ctx=ctx, horizon=horizon, n_seeds=n_seeds, generator=g,
                           shared_context=shared_context, seed_context_noise=seed_context_noise)
-        pred = rollout_predictors(world_model, ro)
+        m_ref = true_motion(world_model, obs, ctx, horizon) if motion_ref == "truth" else None
+        pred = rollout_predictors(world_model, ro, motion_ref=m_ref)
+        u_const = normalise(torch.ones_like(pred["motion"]), pred["motion"]).mean(1)
         if context_residual:
             u_context = round_trip_residual(world_model.tokenizer, ro.context[:, -1])
         attr = action_attribution(world_model, obs[:, :ctx + horizon], act[:, :ctx + horizon - 1],
@@ -223,7 +251,9 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
                          **{k: float(pred[k][j].mean()) for k in ("u_r_norm", "u_f_norm", "u_s_norm")},
                          "rollout_psnr_gain_db": float(ro.gain_db[j])})
             if context_residual:
-                rows[-1]["u_r_context"] = float(u_context[j])
+                rows[-1][CONTEXT_RESIDUAL_COLUMN] = float(u_context[j])
+            if motion_baseline:
+                rows[-1][MOTION_BASELINE_COLUMN] = float(u_const[j])
             per_task[task] += 1
             if return_traces:
                 traces.append({"task": task, **{k: v[j].tolist() for k, v in pred.items()}})

@@ -11,7 +11,7 @@ import pytest
 from mmbench2_lab.calibration import (CALIBRATION_COLUMNS, GAIN_COLUMN, PAPER_THRESHOLDS, calibration_figure,
                                       calibration_stats, combined_stats, held_out_scores, load_calibration,
                                       median_curve, paper_calibration, per_frame_trace_figure, per_task_stats,
-                                      task_folds, write_calibration_csv, zero_crossing)
+                                      predictor_agreement, task_folds, write_calibration_csv, zero_crossing)
 from mmbench2_lab.cli import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "calibration_perseq_base.csv"
@@ -275,6 +275,27 @@ def test_combined_needs_two_predictors_and_known_combiner():
 
 
 # ---- writing tables and figures ----------------------------------------------------------------------------
+
+
+def test_predictor_agreement_is_the_spearman_between_predictors_by_hand(paper, tmp_path, capsys):
+    """Pairwise rho by hand (ranks then Pearson) over rows where both are finite; the report prints it."""
+    r = [0.3, 0.1, 0.2, float("nan"), 0.5]
+    f = [1.0, 2.0, 2.0, 4.0, 3.0]
+    s = [3.0, 5.0, 4.0, 1.0, 2.0]  # falls as r rises where r is finite
+    rows = [("t", i, 1.0, r[i], f[i], s[i], 1.0 - i) for i in range(5)]
+    path = _write(tmp_path / "a.csv", CALIBRATION_COLUMNS, rows)
+    got = predictor_agreement(load_calibration(path))
+    assert list(got) == [("u_r_norm", "u_f_norm"), ("u_r_norm", "u_s_norm"), ("u_f_norm", "u_s_norm")]
+    keep = [0, 1, 2, 4]
+    assert got[("u_r_norm", "u_f_norm")] == pytest.approx(
+        _pearson(_ranks([r[i] for i in keep]), _ranks([f[i] for i in keep])))
+    assert got[("u_f_norm", "u_s_norm")] == pytest.approx(_pearson(_ranks(f), _ranks(s)))
+    assert got[("u_r_norm", "u_s_norm")] == pytest.approx(-1.0)
+    # the paper's three agree with each other far more than with dPSNR: one signal, not three
+    paper_agreement = predictor_agreement(paper)
+    assert min(paper_agreement.values()) > 0.95
+    assert main(["calibration-report"]) == 0
+    assert f"u_f_norm~u_s_norm {paper_agreement[('u_f_norm', 'u_s_norm')]:.3f}" in capsys.readouterr().out
 
 
 def test_write_calibration_csv_round_trips_with_the_paper_columns(tmp_path):

@@ -115,6 +115,35 @@ def test_calibration_table_adds_the_real_context_round_trip_when_asked(wm, sim_d
     assert CONTEXT_RESIDUAL_COLUMN in capsys.readouterr().out
 
 
+def test_calibration_table_normalises_by_the_real_frames_motion_when_asked(wm, sim_data, tmp_path, threads_1):
+    """motion_ref="truth": m_t = RMS(Enc(x_t) - Enc(x_t-1)) of the real frames, by hand; u_const_norm is the
+    mean of 1 / max(m, 1e-3); the same rollout's raw u are unchanged; the CSV carries the column."""
+    from mmbench2_lab.calibration import CALIBRATION_COLUMNS, MOTION_BASELINE_COLUMN, write_calibration_csv
+    from mmbench2_lab.data.windows import DynamicsWindows
+    from mmbench2_lab.evaluation import calibration_table
+    windows = DynamicsWindows([sim_data], 4 + 4 - 1)
+    kw = dict(n_sequences=2, ctx=4, horizon=4, batch_size=2, progress=False, return_traces=True)
+    rows_p, tr_p = calibration_table(wm, windows, **kw)
+    rows_t, tr_t = calibration_table(wm, windows, motion_ref="truth", motion_baseline=True, **kw)
+    assert all(tuple(r) == CALIBRATION_COLUMNS + (MOTION_BASELINE_COLUMN,) for r in rows_t)
+    obs = torch.stack([windows[i]["obs"][:8] for i in (0, len(windows) - 1)]).float() / 255
+    with torch.no_grad():
+        z = wm.encode(obs)
+    for j in range(2):
+        m = [float((z[j, t] - z[j, t - 1]).pow(2).mean().sqrt()) for t in range(4, 8)]
+        assert tr_t[j]["motion"] == pytest.approx(m, rel=1e-4)
+        assert tr_t[j]["u_s"] == pytest.approx(tr_p[j]["u_s"], rel=1e-5)  # same rollout, other divisor
+        for k in ("u_r", "u_f", "u_s"):
+            norm = [u / max(mt, 1e-3) for u, mt in zip(tr_t[j][k], m)]
+            assert rows_t[j][f"{k}_norm"] == pytest.approx(sum(norm) / 4, rel=1e-4)
+        assert rows_t[j][MOTION_BASELINE_COLUMN] == pytest.approx(sum(1 / max(mt, 1e-3) for mt in m) / 4, rel=1e-4)
+        assert rows_t[j]["rollout_psnr_gain_db"] == pytest.approx(rows_p[j]["rollout_psnr_gain_db"])
+    path = write_calibration_csv(rows_t, tmp_path / "truth.csv")
+    assert path.read_text().splitlines()[0].endswith(",rollout_psnr_gain_db,u_const_norm")
+    with pytest.raises(ValueError, match="motion_ref 'real'.*predicted, truth"):
+        calibration_table(wm, windows, motion_ref="real", **kw)
+
+
 def test_rollout_predictors_score_each_step_against_the_history_it_was_sampled_from(wm, sim_data, threads_1):
     """Shared context: u_s is the one-step spread of seeds from one history, motion is measured from the
     followed seed's previous latent; independent seeds: motion from the previous seed mean."""
@@ -156,12 +185,14 @@ def test_calibrate_command_writes_the_table_and_reports_it(wm, sim_data, tmp_pat
     wm.save_pretrained(tmp_path / "model")
     out = tmp_path / "calib.csv"
     assert main(["calibrate", "--model", str(tmp_path / "model"), "--data", str(sim_data), "--out", str(out),
-                 "--sequences", "4", "--ctx", "4", "--horizon", "4", "--context-residual"]) == 0
+                 "--sequences", "4", "--ctx", "4", "--horizon", "4", "--context-residual", "--motion", "truth",
+                 "--motion-baseline"]) == 0
     printed = capsys.readouterr().out
     table = load_calibration(out)
-    assert len(table) == 4 and list(table.columns)[-2:] == ["rollout_psnr_gain_db", "u_r_context"]
-    assert f"wrote 4 sequences to {out}" in printed
-    assert all(f"{name:10} Spearman rho" in printed for name in ("u_r_norm", "u_f_norm", "u_s_norm", "u_r_context"))
+    assert len(table) == 4 and list(table.columns)[-3:] == ["rollout_psnr_gain_db", "u_r_context", "u_const_norm"]
+    assert f"wrote 4 sequences to {out} (u normalised by the truth motion)" in printed
+    assert all(f"{name:10} Spearman rho" in printed
+               for name in ("u_r_norm", "u_f_norm", "u_s_norm", "u_r_context", "u_const_norm"))
     # each seed with its own corrupted context (the reference's draw) changes the seeds' spread, for a model
     # whose prediction depends on its context (a fresh flow head is zero: draw it at random)
     listening = WorldModel(wm.config).eval()
