@@ -181,8 +181,8 @@ def true_motion(world_model, obs: torch.Tensor, ctx: int, horizon: int) -> torch
 # Which m divides the per-sequence predictors of a calibration table. "predicted" is the released code's
 # m = RMS(z_hat - z_prev) (the only one a live rollout has). "truth" measures m on the real frames: the
 # paper's table has nan in all three predictors on 201 sequences, every one a near-static clip the floor
-# repeats almost exactly (dPSNR -65 to -95 dB), which a real-frame m (exactly 0 there, u / 0) gives and a
-# predicted m never does; the reference's evaluation code is not released, so this is inferred.
+# repeats almost exactly (dPSNR -65 to -95 dB): a real-frame m is 0 there and leaves u / m undefined; a
+# predicted m is never exactly 0. The reference's evaluation code is not released, so this is inferred.
 MOTION_REFERENCES = ("predicted", "truth")
 
 

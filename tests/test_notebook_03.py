@@ -54,15 +54,20 @@ def test_notebook_03_runs_on_a_micro_model_and_real_episodes(sim_data, tmp_path,
     pm.execute_notebook(str(NOTEBOOK), str(out), kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
                         parameters=dict(model=str(tmp_path / "micro"), data_dir=str(sim_data),
                                         seen_task="cheetah-run", unseen_task="pendulum-swingup", n_sequences=4,
-                                        ctx=CTX, horizon=HORIZON, seeds=2))
+                                        ctx=CTX, horizon=HORIZON, seeds=2, motion_ref="truth"))
     nb = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     # the paper's calibration, computed from its table
     for name, rho in (("u_r_norm", "-0.808"), ("u_f_norm", "-0.785"), ("u_s_norm", "-0.796")):
         assert f"{name}   Spearman rho {rho}" in text
     assert "logistic   held-out tasks: rho" in text
-    # our model's table: one line per predictor (the paper's three and our u_r_context) after the paper's three
-    assert text.count("Spearman rho") == 7 and "u_r_context  Spearman rho" in text
+    from mmbench2_lab.calibration import paper_calibration, predictor_agreement
+    for (a, b), rho in predictor_agreement(paper_calibration()).items():
+        assert f"{a} ~ {b}: Spearman rho {rho:+.3f}" in text
+    # our model's table: one line per predictor (the paper's three, our u_r_context and the 1/m baseline)
+    # after the paper's three and their three agreements
+    assert text.count("Spearman rho") == 11
+    assert "u_r_context  Spearman rho" in text and "u_const_norm  Spearman rho" in text
     assert "the paper's model on its sequences in our dPSNR range" in text
     assert "pendulum-swingup: rollout dPSNR" in text
     figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
