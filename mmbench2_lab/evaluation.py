@@ -236,9 +236,10 @@ def calibration_table(world_model, windows, *, n_sequences: int | None = None, c
                           shared_context=shared_context, seed_context_noise=seed_context_noise)
         m_ref = true_motion(world_model, obs, ctx, horizon) if motion_ref == "truth" else None
         pred = rollout_predictors(world_model, ro, motion_ref=m_ref)
-        u_const = normalise(torch.ones_like(pred["motion"]), pred["motion"]).mean(1)
         if context_residual:
             u_context = round_trip_residual(world_model.tokenizer, ro.context[:, -1])
+        if motion_baseline:
+            u_const = normalise(torch.ones_like(pred["motion"]), pred["motion"]).mean(1)
         attr = action_attribution(world_model, obs[:, :ctx + horizon], act[:, :ctx + horizon - 1],
                                   mask[:, :ctx + horizon - 1], positions=attribution_positions, seed=seed)
         ratio = attr["mse_shuffle"] / attr["mse_real"].clamp_min(1e-12)
