@@ -161,7 +161,11 @@ def sample_next(dynamics: Dynamics, context: torch.Tensor, actions: Optional[tor
         raise ValueError(f"actions must be (B, t+1, A) = ({B}, {t + 1}, A) for a context of {t} frames, "
                          f"got {tuple(actions.shape)}")
     N = max(1, int(n_seeds))
-    if seed_context_noise and N > 1 and tau_ctx > 0.0 and t > 0 and context_cache is None and noise is None:
+    if seed_context_noise and (context_cache is not None or noise is not None):
+        raise ValueError("seed_context_noise draws a corrupted context per seed, but a context_cache holds one "
+                         "already corrupted and replayed noise is one draw: pass neither with it (to replay "
+                         "per-seed draws, expand the rows and use n_seeds=1)")
+    if seed_context_noise and N > 1 and tau_ctx > 0.0 and t > 0:
         context, actions, lang_emb, z_prev = (expand_seeds(x, N) for x in (context, actions, lang_emb, z_prev))
         act_mask = act_mask if act_mask is None or act_mask.dim() == 1 else expand_seeds(act_mask, N)
         B, N = B * N, 1  # rows b * N + n, as the shared-context seeds

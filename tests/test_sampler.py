@@ -216,3 +216,8 @@ def test_seed_context_noise_draws_each_seeds_own_corrupted_context_as_the_refere
     shared = sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, n_seeds=N,
                          generator=torch.Generator().manual_seed(7))
     assert shared.z.shape == per_seed.z.shape and not torch.allclose(shared.z, per_seed.z)
+    # replayed noise is one draw: the flag is refused rather than silently ignored
+    noise = (torch.randn(ctx.shape[0] * N, 1, *ctx.shape[2:]), torch.randn_like(ctx))
+    with pytest.raises(ValueError, match="seed_context_noise.*expand the rows"):
+        sample_next(wm.dynamics, ctx, actions, steps=4, tau_ctx=0.1, n_seeds=N, seed_context_noise=True,
+                    noise=noise)
